@@ -29,9 +29,9 @@ from pathlib import Path
 from typing import Any
 
 import h5py
-import hdf5plugin
 import numpy as np
 
+from circuits import chunks
 from circuits.errors import CircuitsError, first_line
 
 SHARD_FORMAT = "circuits-shard/1"
@@ -48,12 +48,11 @@ PATTERNS = "patterns"  # [example, layer, head, q, k]
 OUTPUT_KEYS = ("logits_clean", "logits_corrupted", "metric_clean", "metric_corrupted", "loss_clean", "loss_corrupted")
 
 # Measured in docs/performance.md (float16 patterns + residuals + head outputs, 64 x 128
-# tokens, 2-layer d128): zstd-1 on patterns (0.22 of raw float32) and blosc2 zstd-1 with
-# byte shuffle on activations (0.42; float16 mantissas are nearly random) give 0.29 overall at
-# ~1/6 the CPU of gzip-4 (0.30). Every reader needs ``import hdf5plugin`` (registers both).
-COMPRESSION = hdf5plugin.Zstd(clevel=1)
-ACTIVATION_COMPRESSION = hdf5plugin.Blosc2(cname="zstd", clevel=1, filters=hdf5plugin.Blosc2.SHUFFLE)
-COMPRESSION_NAME = "patterns, outputs: zstd(clevel=1); activations: blosc2(zstd, clevel=1, shuffle); via hdf5plugin"
+# tokens, 2-layer d128): byte shuffle then zstd-1 stores patterns at ~0.21 of raw float32 and
+# activations at ~0.42 (float16 mantissas are nearly random), ~0.28 overall, at a fraction of
+# gzip's CPU. Chunks are compressed by circuits.chunks (in parallel, off HDF5's pipeline) into
+# that standard pipeline's format: every reader needs only ``import hdf5plugin``.
+COMPRESSION_NAME = chunks.PIPELINE_NAME
 PATTERN_CHUNK_BYTES = 64 * 1024
 ACTIVATION_CHUNK_BYTES = 256 * 1024
 
@@ -219,12 +218,11 @@ class ShardWriter:
         if name == PATTERNS:  # one (example-group, layer, head) per chunk: one head reads fast
             per_chunk = per_example // (array.shape[1] * array.shape[2])
             rows = _divisor_at_most(self.batch_size, max(1, PATTERN_CHUNK_BYTES // max(per_chunk, 1)))
-            chunks = (min(rows, shape[0]), 1, 1, *array.shape[3:])
+            chunk_shape = (min(rows, shape[0]), 1, 1, *array.shape[3:])
         else:
             rows = _divisor_at_most(self.batch_size, max(1, ACTIVATION_CHUNK_BYTES // per_example))
-            chunks = (min(rows, shape[0]), *array.shape[1:])
-        codec = ACTIVATION_COMPRESSION if name.startswith("activations/") else COMPRESSION
-        return f.create_dataset(name, shape=shape, dtype=array.dtype, chunks=chunks, **codec)
+            chunk_shape = (min(rows, shape[0]), *array.shape[1:])
+        return f.create_dataset(name, shape=shape, dtype=array.dtype, chunks=chunk_shape, **chunks.PIPELINE)
 
     def write_batch(self, start: int, arrays: dict[str, np.ndarray]) -> None:
         """Queue ``arrays`` (each [batch, ...]) into rows ``start:start+batch`` of their datasets."""
@@ -232,7 +230,7 @@ class ShardWriter:
 
     def _write_batch(self, start: int, arrays: dict[str, np.ndarray]) -> None:
         for i, (name, array) in enumerate(arrays.items()):
-            self._dataset(name, array)[start : start + array.shape[0]] = array
+            chunks.write_rows(self._dataset(name, array), start, array)
             if i == 0:
                 _fault("batch", self.tmp)
 

@@ -78,7 +78,7 @@ def test_a_failed_write_surfaces_and_its_shard_never_lands(tmp_path):
         shard.write_batch(0, {store.PATTERNS: pattern_of(1)[:2]})
         shard.write_batch(2, {store.PATTERNS: np.zeros((2, 9), np.float16)})  # wrong shape
         shard.finish({"step": 1, "tokens_seen": 0})
-        with pytest.raises(TypeError):
+        with pytest.raises(ValueError, match="shape"):
             writer.wait()
         shard.abort()
     assert list((tmp_path / store.SHARD_DIR).iterdir()) == []
