@@ -53,17 +53,19 @@ def load(manifest: Manifest | str | Path, step: int, device: str = "cpu"):
             found = ", ".join(sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl")))
             raise CircuitsError(f"{path}: no .safetensors weights (checkpoints load only from safetensors, "
                                 f"pickled weights are never opened{': found ' + found if found else ''})")
-        return _boot_transformers(str(path), None, device, where=str(path))
+        return boot_transformers(str(path), None, device, where=str(path))
     raise CircuitsError(f"{path / 'config.json'}: neither a circuits-native checkpoint nor a Hugging Face config")
 
 
 def _boot_hub(manifest: Manifest, step: int, device: str):
     assert manifest.hub is not None  # guaranteed by the schema
     revision = manifest.hub.revision(step)
-    return _boot_transformers(manifest.hub.repo, revision, device, where=f"{manifest.hub.repo}@{revision}")
+    return boot_transformers(manifest.hub.repo, revision, device, where=f"{manifest.hub.repo}@{revision}")
 
 
-def _boot_transformers(name: str, revision: str | None, device: str, where: str):
+def boot_transformers(name: str, revision: str | None, device: str, where: str):
+    """A Hugging Face model (Hub name with ``revision``, or a local folder) as an eval-mode bridge;
+    errors name ``where``."""
     from safetensors import SafetensorError
     from transformer_lens.model_bridge import TransformerBridge
 
