@@ -8,7 +8,8 @@ attention+MLP) in a temporary folder, boots it through ``TransformerBridge`` and
 - ``eap`` here versus TL 4.3 ``attribution_patch(..., EdgeAttributionConfig("edge"))`` on
   the same pairs, with the largest relative difference of the scores (conventions mapped:
   TL denoises, so it is compared with our ``eap`` on the swapped task, summed over positions);
-- ``eap-ig`` for m = 5 and 30 as multiples of one forward+backward (goal <= m + 2);
+- ``eap-ig`` for m = 5 and 30 as multiples of one forward+backward (goal <= m + 2): the
+  median over repeats of (EAP-IG time / the forward+backward timed just before it);
 - one faithfulness evaluation, and (``include_patching``) exact patching of every edge.
 """
 
@@ -34,6 +35,22 @@ def _time(fn, repeats: int) -> float:
         fn()
         times.append(CLOCK() - start)
     return min(times)
+
+
+def _paired_ratio(fn, unit, repeats: int) -> tuple[float, float]:
+    """(median over repeats of time(fn) / time(unit), least time(fn)): ``unit`` is timed right
+    before each run of ``fn``, so a change of machine speed between repeats cancels out."""
+    fn()  # warm-up
+    ratios, times = [], []
+    for _ in range(repeats):
+        start = CLOCK()
+        unit()
+        middle = CLOCK()
+        fn()
+        end = CLOCK()
+        ratios.append((end - middle) / (middle - start))
+        times.append(end - middle)
+    return float(np.median(ratios)), min(times)
 
 
 def _tiny_neox(path: Path, d_model: int, n_layers: int, n_heads: int, vocab: int, seed: int):
@@ -121,9 +138,9 @@ def _bench(json_out, n_pairs, seq_len, d_model, n_layers, n_heads, ig_steps, rep
     figures["seconds"] = {"forward": t_fwd, "forward_backward": t_fb, "eap": t_eap}
     ratios = {"eap / fwd+bwd": t_eap / t_fb}
     for m in ig_steps:
-        t = _time(lambda m=m: score_edges(fm, task, "eap-ig", ig_steps=m), repeats)
+        ratio, t = _paired_ratio(lambda m=m: score_edges(fm, task, "eap-ig", ig_steps=m), forward_backward, repeats)
         figures["seconds"][f"eap-ig{m}"] = t
-        ratios[f"eap-ig{m} / fwd+bwd"] = t / t_fb
+        ratios[f"eap-ig{m} / fwd+bwd"] = ratio
         ratios[f"eap-ig{m} goal (m+2)"] = m + 2
     if include_patching:
         t_patch = _time(lambda: score_edges(fm, task, "patching"), 1)
