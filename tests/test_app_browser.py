@@ -3,7 +3,8 @@ driven headless by Playwright (no browser download).
 
 The journey: open the Circuit page, move the step slider across the induction phase change,
 see edges added, click the induction head, see its attention pattern; visit every page.
-Screenshots go to docs/screenshots/ (shown in docs/app.md) and test-artifacts/.
+Screenshots go to test-artifacts/; with CIRCUITS_UPDATE_SCREENSHOTS=1 also to docs/screenshots/
+(shown in docs/app.md), so a plain test run leaves the working tree clean.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-f
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 IDLE = "[data-testid='stApp'][data-test-script-state='notRunning']"
 GRAPH = "[data-testid='circuit-graph']"
-SHOTS = (ROOT / "docs" / "screenshots", ROOT / "test-artifacts")
+SHOTS = (ROOT / "test-artifacts",) + ((ROOT / "docs" / "screenshots",) if os.environ.get("CIRCUITS_UPDATE_SCREENSHOTS") else ())
 
 
 def _free_port() -> int:
@@ -96,7 +97,8 @@ def shoot(pg, name: str) -> None:
     for folder in SHOTS:
         folder.mkdir(parents=True, exist_ok=True)
     pg.screenshot(path=str(SHOTS[0] / f"{name}.png"), full_page=True)
-    shutil.copy(SHOTS[0] / f"{name}.png", SHOTS[1] / f"{name}.png")
+    for folder in SHOTS[1:]:
+        shutil.copy(SHOTS[0] / f"{name}.png", folder / f"{name}.png")
 
 
 def graph_state(pg) -> dict:
