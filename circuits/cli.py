@@ -31,6 +31,8 @@ def train(
     checkpoint_every: Annotated[int | None, typer.Option(help="Linear part of the log-then-linear schedule")] = None,
     p: Annotated[int | None, typer.Option(help="modular-addition: the modulus")] = None,
     train_frac: Annotated[float | None, typer.Option(help="modular-addition: share of pairs for training")] = None,
+    freeze_biases: Annotated[bool | None, typer.Option("--freeze-biases/--train-biases", help="modular-addition: keep "
+                             "every bias at zero, untrained (Nanda et al. 2023; the default), or train them")] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
 ) -> None:
     """Train a built-in run on a dense checkpoint schedule (safetensors, one folder per step)."""
@@ -38,9 +40,9 @@ def train(
 
     options = {"steps": steps, "seed": seed, "checkpoint_every": checkpoint_every}
     if recipe == "modular-addition":
-        options |= {"p": p, "train_frac": train_frac}
-    elif p is not None or train_frac is not None:
-        raise CircuitsError(f"--p and --train-frac apply to modular-addition, not to {recipe!r}")
+        options |= {"p": p, "train_frac": train_frac, "freeze_biases": freeze_biases}
+    elif p is not None or train_frac is not None or freeze_biases is not None:
+        raise CircuitsError(f"--p, --train-frac and --freeze-biases apply to modular-addition, not to {recipe!r}")
     recipe_module(recipe)  # unknown recipe: one clear line before anything touches disk
     _check_device(device)
     manifest = train_recipe(recipe, out, device=device, **options)

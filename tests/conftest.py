@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from filelock import FileLock
 
-TINY_MODADD = {"p": 31, "train_frac": 0.7, "steps": 300, "checkpoint_every": 100}
+TINY_MODADD = {"p": 31, "train_frac": 0.7, "steps": 300, "checkpoint_every": 100, "freeze_biases": False}
 
 
 def _shared_run(tmp_path_factory, worker_id: str, name: str, recipe: str, **options) -> Path:

@@ -81,7 +81,7 @@ def test_out_that_is_a_file_is_refused_and_untouched(monkeypatch, capsys, tmp_pa
 
 def test_modular_addition_options_are_refused_for_induction(monkeypatch, capsys, tmp_path: Path):
     code, _, err = run_cli(monkeypatch, capsys, "train", "induction", "--out", str(tmp_path / "r"), "--p", "31")
-    assert_one_line_error(code, err, r"--p and --train-frac apply to modular-addition, not to 'induction'")
+    assert_one_line_error(code, err, r"--p, --train-frac and --freeze-biases apply to modular-addition, not to 'induction'")
     assert not (tmp_path / "r").exists()
 
 

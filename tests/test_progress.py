@@ -18,7 +18,7 @@ from circuits.progress import (
     top_freqs,
 )
 
-GROK = {"p": 31, "train_frac": 0.7, "steps": 1000, "checkpoint_every": 100}
+GROK = {"p": 31, "train_frac": 0.7, "steps": 1000, "checkpoint_every": 100, "freeze_biases": False}
 
 
 def _ctx(run_dir, step, **options):

@@ -101,10 +101,22 @@ def test_tiny_modadd_run_checkpoints_and_metrics(tiny_modadd_run: Path):
 @pytest.mark.slow
 def test_small_modular_addition_groks(tmp_path: Path):
     train_recipe("modular-addition", tmp_path, progress=False,
-                 p=31, train_frac=0.7, steps=1500, checkpoint_every=100)
+                 p=31, train_frac=0.7, steps=1500, checkpoint_every=100, freeze_biases=False)
     history = json.loads((tmp_path / "metrics.json").read_text())
     memorised = next(row["step"] for row in history if row["train_acc"] == 1.0)
     generalised = next(row["step"] for row in history if row["test_acc"] > 0.95)
     assert memorised < generalised
     assert history[-1]["step"] == 1500
     assert history[-1]["test_acc"] > 0.95
+
+
+@pytest.mark.parametrize("freeze", [True, False])
+def test_modular_addition_biases_stay_zero_only_when_frozen(tmp_path: Path, freeze: bool):
+    from safetensors.torch import load_file
+
+    train_recipe("modular-addition", tmp_path, progress=False, p=7, train_frac=0.5, steps=4, checkpoint_every=4,
+                 freeze_biases=freeze)
+    weights = load_file(tmp_path / "step4" / "model.safetensors")
+    biases = [tensor for name, tensor in weights.items() if name.endswith(".bias")]
+    assert biases
+    assert all(bool((b == 0).all()) for b in biases) == freeze

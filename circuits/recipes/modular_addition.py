@@ -4,7 +4,8 @@ Inputs ``a b =`` (tokens 0..p-1 and ``=`` = p), answer ``(a + b) mod p`` read at
 One layer, d_model 128, 4 heads, d_mlp 512, ReLU, no LayerNorm; full-batch AdamW,
 lr 1e-3, weight decay 1.0, betas (0.9, 0.98), 30% of all pairs for training. Train accuracy
 hits 100% early; test accuracy jumps much later (grokking). ``--p 31 --train-frac 0.7``
-is the small variant the tests use (~40 s).
+with ``--train-biases`` is the small variant the tests use (~40 s). By default every bias
+stays at zero, untrained, as in the paper's code (``freeze_biases``).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from circuits.recipes.common import RunSpec, run_training
 from circuits.steps import log_then_linear
 
 DEFAULTS = {
-    "steps": 25000,
+    "steps": 20000,
     "seed": 0,
     "checkpoint_every": 500,
     "p": 113,
@@ -29,6 +30,8 @@ DEFAULTS = {
     "d_model": 128,
     "n_heads": 4,
     "d_mlp": 512,
+    # Nanda et al. train no biases (zero, frozen). The small test variant trains them.
+    "freeze_biases": True,
 }
 
 
@@ -99,7 +102,12 @@ def train(out: Path, progress: bool = True, device: str = "cpu", **overrides) ->
                 "train_acc": train_acc.item(), "test_acc": test_acc.item()}
 
     def optimizer_fn(model):
-        return torch.optim.AdamW(model.parameters(), lr=options["lr"],
+        if options["freeze_biases"]:  # biases start at zero; untrained, they stay there
+            for name, param in model.named_parameters():
+                if name.endswith(".bias"):
+                    param.requires_grad_(False)
+        trained = [param for param in model.parameters() if param.requires_grad]
+        return torch.optim.AdamW(trained, lr=options["lr"],
                                  weight_decay=options["weight_decay"], betas=(0.9, 0.98))
 
     return run_training(out, spec, loss_fn, evaluate, optimizer_fn, device=device, progress=progress)
