@@ -9,10 +9,11 @@ Batches written by a sweep are compressed here and handed to HDF5 as finished ch
 - HDF5's pipeline copies each chunk out of the batch before filtering it; here a chunk is
   one contiguous slice plus the shuffle copy, and HDF5 only copies the compressed bytes.
 
-What lands on disk is exactly what the standard pipeline ``shuffle -> zstd`` (HDF5's
-built-in byte shuffle, then hdf5plugin's zstd filter 32015) writes, so every reader decodes it
-with ``import hdf5plugin`` and nothing else; ``tests/test_chunks.py`` checks that h5py reads
-back the very arrays written.
+What lands on disk is what the standard pipeline ``shuffle -> zstd`` (HDF5's built-in byte
+shuffle, then hdf5plugin's zstd filter 32015) writes, plus zstd's own frame checksum
+(XXH64, 4 bytes a chunk), so every reader decodes it with ``import hdf5plugin`` and nothing
+else, and a damaged chunk fails to decode instead of reading back as wrong numbers.
+``tests/test_chunks.py`` checks both.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ import zstandard
 ZSTD_LEVEL = 1
 # h5py keyword arguments declaring the pipeline the chunks below are compressed for.
 PIPELINE = {"shuffle": True, **hdf5plugin.Zstd(clevel=ZSTD_LEVEL)}
-PIPELINE_NAME = f"byte shuffle + zstd(clevel={ZSTD_LEVEL}) via hdf5plugin (filter 32015), compressed off HDF5's pipeline"
+PIPELINE_NAME = (f"byte shuffle + zstd(clevel={ZSTD_LEVEL}, frame checksums) via hdf5plugin (filter 32015), "
+                 "compressed off HDF5's pipeline")
 
 _local = threading.local()
 _pool: ThreadPoolExecutor | None = None
@@ -40,7 +42,9 @@ _pool_lock = threading.Lock()
 def _compressor() -> zstandard.ZstdCompressor:
     # A ZstdCompressor must not be shared between threads: one per thread.
     if not hasattr(_local, "zstd"):
-        _local.zstd = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_content_size=True)
+        # Content size: the filter sizes its output buffer from it. Checksum: libzstd verifies
+        # it on decompression, so a flipped bit is an error, never a silently wrong value.
+        _local.zstd = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_content_size=True, write_checksum=True)
     return _local.zstd
 
 

@@ -240,7 +240,11 @@ class ShardWriter:
 
     def _write_static(self, arrays: dict[str, Any]) -> None:
         for name, value in arrays.items():
-            self._file.create_dataset(name, data=np.asarray(value))
+            array = np.asarray(value)
+            # Fletcher-32 (HDF5's own checksum filter): a damaged value is a read error, not a
+            # wrong number. It needs chunked storage, which a 0-d or empty dataset cannot have.
+            checked = {"fletcher32": True} if array.ndim and array.size else {}
+            self._file.create_dataset(name, data=array, **checked)
 
     def finish(self, provenance: dict[str, Any], then: Callable[[], None] | None = None) -> None:
         """Queue: provenance, flush, completion mark (last write), close, rename; then ``then``."""

@@ -155,3 +155,22 @@ def test_a_damaged_shard_replaced_by_a_complete_one_becomes_a_step_on_refresh(tm
     with store.BackgroundWriter() as writer:
         write_shard(root, 40, writer)
     assert study.refresh().steps == [0, 40] and not study.problems
+
+
+def _flip_a_bit_inside(path: Path, dataset: str) -> None:
+    with h5py.File(path, "r") as f:
+        info = f[dataset].id.get_chunk_info(0)
+    with open(path, "r+b") as raw:
+        raw.seek(info.byte_offset + info.size // 2)
+        byte = raw.read(1)[0]
+        raw.seek(info.byte_offset + info.size // 2)
+        raw.write(bytes([byte ^ 0x04]))
+
+
+@pytest.mark.parametrize("dataset", ["heads/induction", store.PATTERNS])
+def test_a_flipped_bit_in_a_shard_is_a_corrupted_shard_error_not_a_wrong_number(tmp_path, dataset):
+    root = make_study(tmp_path)
+    _flip_a_bit_inside(root / store.SHARD_DIR / store.shard_name(20), dataset)
+    study = store.open_study(root)
+    with pytest.raises(CircuitsError, match=r"step00000020\.h5: corrupted shard, cannot read"):
+        study.array(dataset) if dataset != store.PATTERNS else study.pattern(20, 0, 0, 0)
