@@ -34,6 +34,7 @@ PIPELINE = {"shuffle": True, **hdf5plugin.Zstd(clevel=ZSTD_LEVEL)}
 PIPELINE_NAME = (f"byte shuffle + zstd(clevel={ZSTD_LEVEL}, frame checksums) via hdf5plugin (filter 32015), "
                  "compressed off HDF5's pipeline")
 
+THREADS = max(1, min(4, os.cpu_count() or 1))
 _local = threading.local()
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
@@ -52,14 +53,21 @@ def _threads() -> ThreadPoolExecutor:
     global _pool
     with _pool_lock:
         if _pool is None:
-            _pool = ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="circuits-zstd")
+            _pool = ThreadPoolExecutor(THREADS, thread_name_prefix="circuits-zstd")
         return _pool
 
 
 def byte_shuffle(chunk: np.ndarray) -> np.ndarray:
     """HDF5's shuffle filter: byte k of every element, for k = 0..itemsize-1, one after another."""
-    flat = np.ascontiguousarray(chunk).reshape(-1).view(np.uint8)
-    return np.ascontiguousarray(flat.reshape(-1, chunk.dtype.itemsize).T)
+    size = chunk.dtype.itemsize
+    words = np.ascontiguousarray(chunk).reshape(-1).view(f"<u{size}")
+    if size == 1:
+        return words
+    # Shifts and truncating casts on whole words: ~4x faster than a strided byte transpose.
+    planes = np.empty((size, words.size), np.uint8)
+    for k in range(size):
+        np.copyto(planes[k], words >> (8 * k) if k else words, casting="unsafe")
+    return planes
 
 
 def compress_chunk(chunk: np.ndarray) -> bytes:
@@ -99,6 +107,10 @@ def write_rows(dataset: h5py.Dataset, start: int, array: np.ndarray) -> None:
         raise ValueError(f"{dataset.name}: {array.shape[0]} rows leave a partial chunk inside the dataset")
     array = array.astype(dataset.dtype, copy=False)
     blocks = _chunk_slices(array.shape, chunks)
-    compressed = _threads().map(lambda b: compress_chunk(_full_chunk(array[b], chunks)), blocks)
-    for block, data in zip(blocks, compressed, strict=True):
-        dataset.id.write_direct_chunk((start + block[0].start, *(s.start for s in block[1:])), data)
+    # One task per thread, each an equal share of the chunks: per-task overhead stays out of
+    # the hundreds of small chunks a batch of patterns makes.
+    runs = [blocks[i::THREADS] for i in range(min(THREADS, len(blocks)))]
+    compressed = _threads().map(lambda run: [compress_chunk(_full_chunk(array[b], chunks)) for b in run], runs)
+    for run, datas in zip(runs, compressed, strict=True):
+        for block, data in zip(run, datas, strict=True):
+            dataset.id.write_direct_chunk((start + block[0].start, *(s.start for s in block[1:])), data)
