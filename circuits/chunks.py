@@ -57,6 +57,15 @@ def _threads() -> ThreadPoolExecutor:
         return _pool
 
 
+def _forget_pool_in_child() -> None:
+    # A forked child has none of the parent's threads: it must start its own pool.
+    global _pool, _pool_lock
+    _pool, _pool_lock = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_pool_in_child)
+
+
 def byte_shuffle(chunk: np.ndarray) -> np.ndarray:
     """HDF5's shuffle filter: byte k of every element, for k = 0..itemsize-1, one after another."""
     size = chunk.dtype.itemsize
