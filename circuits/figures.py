@@ -9,6 +9,7 @@ Drawing lives here, apart from the data: nothing in the library imports this mod
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -36,16 +37,39 @@ def _shade_phases(fig, tracking: Tracking, curves: list[str] | None = None, row=
         label = "" if overlaps or (row is not None and row > 1) else f"{p.curve} {p.direction}"
         seen.append((p.start_step, p.end_step))
         kwargs = {"row": row, "col": col} if row is not None else {}
-        fig.add_vrect(x0=p.start_step, x1=p.end_step, fillcolor=PHASE_COLOUR, line_width=0,
-                      annotation_text=label, annotation_position="top left", **kwargs)
+        x0, x1 = _shape_x(tracking, p.start_step), _shape_x(tracking, p.end_step)
+        if label:  # an empty label would still add an annotation (see below)
+            kwargs |= {"annotation_text": label, "annotation_position": "top left"}
+            if _log_steps(tracking):
+                # Shapes take data units on a log axis, annotations log10 units: placed in data
+                # units a label sits at 10^step and stretches the axis to absurd ranges.
+                kwargs["annotation"] = {"x": math.log10(x0)}
+        fig.add_vrect(x0=x0, x1=x1, fillcolor=PHASE_COLOUR, line_width=0, **kwargs)
+
+
+def _log_steps(tracking: Tracking) -> bool:
+    """Log-then-linear schedules of long runs (Pythia, grokking) read best on a log step axis."""
+    steps = np.asarray(tracking.steps)
+    return bool(len(steps) > 2 and steps[1] > 0 and steps[-1] / max(steps[1], 1) > 200)
+
+
+def _shape_x(tracking: Tracking, step: float) -> float:
+    """A step as a shape coordinate (phase window, step marker). On a log axis step 0 has no
+    place: it sits at the first positive step."""
+    if not _log_steps(tracking):
+        return step
+    return max(step, min(s for s in tracking.steps if s > 0))
+
+
+def _step_marker(fig, tracking: Tracking, step: int) -> None:
+    fig.add_vline(x=_shape_x(tracking, step), line_dash="dash", line_color="grey")
 
 
 def _x_axis(fig, tracking: Tracking, rows: int = 1) -> None:
     # With stacked subplots only the bottom axis is titled, so it cannot overlap a subplot title.
     fig.update_xaxes(title_text="training step", row=rows if rows > 1 else None, col=1 if rows > 1 else None)
-    steps = np.asarray(tracking.steps)
-    if len(steps) > 2 and steps[1] > 0 and steps[-1] / max(steps[1], 1) > 200:
-        fig.update_xaxes(type="log")  # log-then-linear schedules of long runs (Pythia)
+    if _log_steps(tracking):
+        fig.update_xaxes(type="log")
 
 
 def metric_curves(tracking: Tracking, names: list[str] | None = None, step: int | None = None):
@@ -54,16 +78,18 @@ def metric_curves(tracking: Tracking, names: list[str] | None = None, step: int 
 
     go = _go()
     names = names or [n for n in tracking.curves if not n.startswith("circuit/")]
+    height = 220 * len(names) + 80
+    # ~60 px between subplots whatever their number (a share of the height would squeeze many).
     fig = make_subplots(rows=len(names), cols=1, shared_xaxes=True, subplot_titles=names,
-                        vertical_spacing=min(0.12, 0.8 / max(len(names), 1)))
+                        vertical_spacing=min(0.12, 60 / height))
     for i, name in enumerate(names, start=1):
         fig.add_trace(go.Scatter(x=tracking.steps, y=tracking.curves[name], mode="lines+markers",
                                  name=name, marker={"size": 4}), row=i, col=1)
         _shade_phases(fig, tracking, [name, "metric", "loss"], row=i, col=1)
     if step is not None:
-        fig.add_vline(x=step, line_dash="dash", line_color="grey")
+        _step_marker(fig, tracking, step)
     _x_axis(fig, tracking, rows=len(names))
-    fig.update_layout(height=220 * len(names) + 80, showlegend=False, title=f"{tracking.run}: curves over training")
+    fig.update_layout(height=height, showlegend=False, title=f"{tracking.run}: curves over training")
     return fig
 
 
@@ -80,7 +106,7 @@ def head_score_curves(tracking: Tracking, kind: str, step: int | None = None):
                                      name=head_name(layer, head), line={"width": 3 if is_top else 1}))
     _shade_phases(fig, tracking, ["metric", "loss", f"heads/{kind}/{head_name(*top)}"])
     if step is not None:
-        fig.add_vline(x=step, line_dash="dash", line_color="grey")
+        _step_marker(fig, tracking, step)
     _x_axis(fig, tracking)
     fig.update_layout(title=f"{kind.replace('_', ' ')} score per head", yaxis_title="score", height=420)
     return fig
@@ -127,7 +153,7 @@ def circuit_evolution(tracking: Tracking, step: int | None = None):
     for row in (1, 2, 3):
         _shade_phases(fig, tracking, row=row, col=1)
     if step is not None:
-        fig.add_vline(x=step, line_dash="dash", line_color="grey")
+        _step_marker(fig, tracking, step)
     _x_axis(fig, tracking)
     fig.update_layout(title=f"{tracking.run}: the circuit over training", height=800, barmode="relative")
     return fig

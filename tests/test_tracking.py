@@ -251,3 +251,21 @@ def test_summary_command_on_a_swept_run(induction_run, tmp_path):
     assert data["heads"]["induction"]["top_head_curve"][0] < 0.2 < 0.5 < data["heads"]["induction"]["top_head_curve"][-1]
     assert any(p["curve"] == f"heads/induction/{top}" for p in data["phases"])
     assert (tmp_path / "figs" / "heatmap_induction.html").exists()
+
+
+def test_curves_of_a_long_run_read_on_a_log_axis_with_every_label_in_range(monkeypatch):
+    """Log-then-linear schedules get a log step axis; plotly reads annotations there in log10
+    units, so a phase label placed at its step would stretch the axis to ~10^300."""
+    import math
+    import sys
+
+    from circuits.figures import metric_curves
+    from circuits.steps import log_then_linear
+
+    monkeypatch.setattr(sys.modules[__name__], "_sigmoid_steps", lambda: np.array(log_then_linear(20000, 1000)))
+    fig = metric_curves(track(FakeStudy()), step=300)
+    assert fig.layout.xaxis.type == "log"
+    labels = [a for a in fig.layout.annotations if a.xref and a.xref.startswith("x")]
+    assert labels and all(a.text for a in labels)
+    assert all(0 <= a.x <= math.log10(20000) for a in labels)
+    assert all(1 <= s.x0 <= s.x1 <= 20000 for s in fig.layout.shapes)
