@@ -162,8 +162,9 @@ def bench_extract(batch: int = 64, seq: int = 128, n_batches: int = 4, rounds: i
                   manifest: str | None = None, step: int | None = None, device: str = "cpu",
                   hooks: str | None = None, shape: str = "tiny") -> dict[str, Any]:
     """Per round, on the same checkpoint and batches: the bare forward of every batch, the
-    sweep's extraction of them (run_with_cache, float16, chunks compressed on a thread pool and
-    written on the writer thread while the next batch runs, shard landed), and in the first
+    sweep's extraction of them (patterns and hooks cached, logits only at the answer position
+    as the sweep does, float16, chunks compressed on a thread pool and written on the writer
+    thread while the next batch runs, shard landed), and in the first
     rounds the same extraction writing serially (each batch's write awaited before the next
     forward). Each figure is the median over rounds of that round's ratio, in wall-clock and in
     process CPU time (CPU time is the honest cost when other processes share the cores;
@@ -183,6 +184,8 @@ def bench_extract(batch: int = 64, seq: int = 128, n_batches: int = 4, rounds: i
     batches = [torch.randint(0, cfg.d_vocab, (batch, seq), generator=gen).to(device) for _ in range(n_batches)]
     hook_names = resolve_hooks(model, hooks)
     torch_dtype = DTYPES[dtype][0]
+    # As in the sweep, logits are unembedded only where a task reads them: here the last token.
+    answer_position = torch.tensor([seq - 1], device=device)
     n_examples = batch * n_batches
 
     def bare() -> None:
@@ -195,7 +198,7 @@ def bench_extract(batch: int = 64, seq: int = 128, n_batches: int = 4, rounds: i
         shard = store.ShardWriter(final, n_examples, batch, writer)
         for i, tokens in enumerate(batches):
             with torch.no_grad():
-                _, _, arrays = cache_batch(model, tokens, hook_names, torch_dtype)
+                _, _, arrays = cache_batch(model, tokens, hook_names, torch_dtype, answer_position)
             shard.write_batch(i * batch, arrays)
             if serial:
                 writer.wait()

@@ -12,6 +12,7 @@ Define your own in a few lines::
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -113,6 +114,14 @@ class Task:
         wrong = None if self.wrong is None else self.wrong[start:stop]
         return Task(self.name, self.clean[start:stop], self.corrupted[start:stop], self.answer_pos[start:stop],
                     self.correct[start:stop], wrong, self.metric, self.prompts[start:stop], self.options)
+
+
+def at_answer_positions(task: Task) -> tuple[Tensor, Task]:
+    """The positions the metric reads (sorted, unique), and the task re-indexed to logits
+    taken only there: unembedding only those positions gives the very same metric."""
+    absolute = task.answer_pos % task.seq_len
+    positions = torch.unique(absolute)
+    return positions, dataclasses.replace(task, answer_pos=torch.searchsorted(positions, absolute))
 
 
 def answer_logits(logits: Float[Tensor, "batch pos vocab"], task: Task) -> Float[Tensor, "batch n_ans vocab"]:

@@ -22,14 +22,12 @@ Scores of pairs that are not edges (``spec.valid`` False) are 0.
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import torch
 
 from circuits.discovery.functional import FunctionalModel
 from circuits.errors import CircuitsError
-from circuits.tasks import Task, metric_per_example
+from circuits.tasks import Task, at_answer_positions, metric_per_example
 
 METHODS = ("eap", "eap-ig", "patching")
 
@@ -53,13 +51,6 @@ def reference_runs(fm: FunctionalModel, task: Task):
     return clean, corrupt
 
 
-def _at_answers(task: Task) -> tuple[torch.Tensor, Task]:
-    """The positions the metric reads, and the task re-indexed to logits taken only there."""
-    absolute = task.answer_pos % task.seq_len
-    positions = torch.unique(absolute)
-    return positions, dataclasses.replace(task, answer_pos=torch.searchsorted(positions, absolute))
-
-
 def _scores(delta: torch.Tensor, grads: torch.Tensor, fm: FunctionalModel, n_examples: int) -> np.ndarray:
     scores = (delta.flatten(1) @ grads.flatten(1).T) / n_examples  # [n_forward, n_backward]
     scores = scores.float().cpu().numpy()
@@ -71,7 +62,7 @@ def score_eap(fm: FunctionalModel, task: Task) -> np.ndarray:
     """EAP: 2 forwards (one with gradients) and 1 backward for the whole batch."""
     with torch.no_grad():
         corrupt = fm.run(task.corrupted.to(fm.device))
-    positions, local = _at_answers(task)
+    positions, local = at_answer_positions(task)
     clean = fm.run(task.clean.to(fm.device), grad_ports=True, logit_positions=positions.to(fm.device))
     clean_logits = clean.logits.detach()
     value = _metric(clean.logits, local, clean_logits).sum()
@@ -88,7 +79,7 @@ def score_eap_ig(fm: FunctionalModel, task: Task, steps: int = 5, ig_chunk: int 
     tokens = task.clean.to(fm.device)
     n = task.n_examples
     ig_chunk = ig_chunk or _default_chunk(fm, task, steps)
-    positions, local = _at_answers(task)
+    positions, local = at_answer_positions(task)
     positions = positions.to(fm.device)
     clean_at = clean_run.logits[:, positions]
     grad_sum = None
@@ -165,7 +156,7 @@ def patch_nodes(model_or_fm, task: Task) -> np.ndarray:
 def metric_of_ablations(fm: FunctionalModel, task: Task, tokens, masks: torch.Tensor, reference, clean_logits) -> torch.Tensor:
     """Mean task metric for each of ``k`` ablation masks [k, n_forward, n_backward] (one forward)."""
     k = masks.shape[0]
-    positions, local = _at_answers(task)
+    positions, local = at_answer_positions(task)
     positions = positions.to(fm.device)
     run = fm.run(tokens, ablate=masks, reference=reference, logit_positions=positions)
     values = _metric(run.logits, _repeat(local, k), clean_logits[:, positions].repeat(k, 1, 1))
