@@ -29,8 +29,8 @@ AnalysisResult = dict[str, "np.ndarray | float | int"]
 class VisitContext:
     """What an analysis gets: the model at one step, the task, and the run it came from.
 
-    ``cache`` holds the clean run's activations when the sweep already made them (an
-    ``ActivationCache`` keyed by TL hook names), so analyses can reuse them.
+    ``cache`` holds the clean run's attention patterns and cached activations when the sweep
+    already made them (a dict of tensors keyed by TL hook names), so analyses can reuse them.
     """
 
     model: Any  # transformer_lens TransformerBridge, eval mode
