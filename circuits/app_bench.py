@@ -68,6 +68,7 @@ def synthetic_study(out: Path, n_edges: int = 1000, n_examples: int = 4, seq_len
     base = rng.normal(size=spec.shape).astype(np.float32)
     drift = rng.normal(size=spec.shape).astype(np.float32)
     causal = np.tril(np.ones((seq_len, seq_len), dtype=np.float32))
+    task_datasets = {f"task/{k}": v for k, v in store.task_arrays(task).items()}  # the same every step
     with store.BackgroundWriter(depth=4) as writer:
         for i, step in enumerate(steps):
             t = i / max(len(steps) - 1, 1)
@@ -81,7 +82,7 @@ def synthetic_study(out: Path, n_edges: int = 1000, n_examples: int = 4, seq_len
             patterns /= patterns.sum(-1, keepdims=True)
             patterns = patterns.reshape(n_examples, n_layers, n_heads, seq_len, seq_len).astype(np.float16)
             shard = store.ShardWriter(out / store.SHARD_DIR / store.shard_name(step), n_examples, n_examples, writer)
-            shard.write_static({f"task/{k}": v for k, v in store.task_arrays(task).items()})
+            shard.write_static(task_datasets)
             metric = np.full(n_examples, 4 * t, dtype=np.float32)
             shard.write_batch(0, {
                 store.PATTERNS: patterns,

@@ -125,25 +125,13 @@ PYTHIA_70M_SHAPE = {"vocab_size": 50304, "hidden_size": 512, "num_hidden_layers"
                     "rotary_emb_base": 10000, "use_parallel_residual": True, "hidden_act": "gelu"}
 
 
-def _pythia_shaped(device: str):
-    """A Pythia-70m-shaped GPTNeoX, saved as a Hugging Face folder and booted the way the sweep
-    boots a Pythia checkpoint (no Hub needed)."""
-    import torch
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
-
-    from circuits.loading import boot_transformers
-
-    torch.manual_seed(0)
-    with tempfile.TemporaryDirectory(prefix="circuits-bench-70m-") as tmp:
-        GPTNeoXForCausalLM(GPTNeoXConfig(**PYTHIA_70M_SHAPE)).eval().save_pretrained(tmp)
-        return boot_transformers(tmp, None, device, where=tmp)
-
-
 def _extract_model(manifest: str | None, step: int | None, device: str, shape: str = "tiny"):
     """The benchmark's checkpoint: a user's (manifest, step), a 2-layer d128 native model
     (``shape="tiny"``) or a Pythia-70m-shaped GPTNeoX (``shape="pythia-70m"``)."""
     if shape == "pythia-70m":
-        return _pythia_shaped(device), "GPTNeoX shaped as Pythia-70m (random init, local folder)"
+        from circuits.loading import random_gptneox
+
+        return random_gptneox(device, **PYTHIA_70M_SHAPE), "GPTNeoX shaped as Pythia-70m (random init, local folder)"
     if manifest is not None:
         from circuits.loading import load
         from circuits.manifest import load_manifest

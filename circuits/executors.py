@@ -20,7 +20,7 @@ import os
 import socket
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -193,8 +193,6 @@ class RayExecutor:
         self.max_retries = max_retries
         self.num_gpus = (1.0 if self.cuda else 0.0) if num_gpus is None else num_gpus
         self.started_here = False
-        self.startup_s = 0.0
-        t0 = time.perf_counter()
         if not ray.is_initialized():
             kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": "WARNING",
                                       "configure_logging": True}
@@ -204,10 +202,9 @@ class RayExecutor:
                 ray.init(address=address, **kwargs)
             except (ConnectionError, RuntimeError, ValueError) as err:
                 where = f"the Ray cluster at {address}" if address else "a local Ray instance"
-                raise CircuitsError(f"cannot start or reach {where} ({_first_line(err)}); "
+                raise CircuitsError(f"cannot start or reach {where} ({first_line(err)}); "
                                     f"see docs/scaling.md") from None
             self.started_here = True
-        self.startup_s = time.perf_counter() - t0
         resources = ray.cluster_resources()
         key = "GPU" if self.cuda and self.num_gpus else "CPU"
         per_task = self.num_gpus if key == "GPU" else 1.0
@@ -227,7 +224,7 @@ class RayExecutor:
         ray = self.ray
         del model  # every task loads its own checkpoint
         if self.cuda:
-            spec = _replace(spec, device="cuda")  # Ray shows each task its GPU as cuda:0
+            spec = replace(spec, device="cuda")  # Ray shows each task its GPU as cuda:0
         spec_ref = ray.put(spec)
         queue = list(steps)
         in_flight: dict[Any, int] = {}
@@ -275,6 +272,16 @@ class RayExecutor:
         self.started_here = False
 
 
+def check_executor(executor: Any, workers: int | None, ray_address: str | None) -> None:
+    """Refuse a wrong executor name or worker count, without starting anything (no Ray)."""
+    if isinstance(executor, str) and executor not in EXECUTORS:
+        raise CircuitsError(f"--executor {executor!r}: expected one of {', '.join(EXECUTORS)}")
+    if workers is not None and workers < 1:
+        raise CircuitsError(f"--workers {workers}: must be at least 1")
+    if executor == "local":
+        make_executor("local", workers, ray_address)  # cheap: refuses --workers > 1 and --ray-address
+
+
 def make_executor(executor: str, workers: int | None = None, ray_address: str | None = None,
                   device: str = "cpu") -> LocalExecutor | RayExecutor:
     if executor == "local":
@@ -286,19 +293,10 @@ def make_executor(executor: str, workers: int | None = None, ray_address: str | 
     raise CircuitsError(f"--executor {executor!r}: expected one of {', '.join(EXECUTORS)}")
 
 
-def _replace(spec: StepSpec, **changes: Any) -> StepSpec:
-    from dataclasses import replace
-
-    return replace(spec, **changes)
-
-
 def _cause(err: BaseException) -> str:
     """One line naming the original error of a failed Ray task."""
     cause = getattr(err, "cause", None) or err
     if isinstance(cause, CircuitsError):
-        return _first_line(cause)
-    return f"{type(cause).__name__}: {_first_line(cause)}"
+        return first_line(cause)
+    return f"{type(cause).__name__}: {first_line(cause)}"
 
-
-def _first_line(err: BaseException) -> str:
-    return first_line(err, 200)

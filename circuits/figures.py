@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from circuits.errors import first_line
 from circuits.tracking import Tracking, head_name
 
 PHASE_COLOUR = "rgba(255, 165, 0, 0.18)"
@@ -28,6 +29,7 @@ def _go():
 def _shade_phases(fig, tracking: Tracking, curves: list[str] | None = None, row=None, col=None) -> None:
     """Shade each phase window (of the given curves, default metric and loss) on a figure."""
     wanted = curves or ["metric", "loss"]
+    floor = _log_floor(tracking)
     seen: list[tuple[int, int]] = []
     for p in tracking.phases:
         if p.curve not in wanted or (p.start_step, p.end_step) in seen:
@@ -37,10 +39,10 @@ def _shade_phases(fig, tracking: Tracking, curves: list[str] | None = None, row=
         label = "" if overlaps or (row is not None and row > 1) else f"{p.curve} {p.direction}"
         seen.append((p.start_step, p.end_step))
         kwargs = {"row": row, "col": col} if row is not None else {}
-        x0, x1 = _shape_x(tracking, p.start_step), _shape_x(tracking, p.end_step)
+        x0, x1 = (step if floor is None else max(step, floor) for step in (p.start_step, p.end_step))
         if label:  # an empty label would still add an annotation (see below)
             kwargs |= {"annotation_text": label, "annotation_position": "top left"}
-            if _log_steps(tracking):
+            if floor is not None:
                 # Shapes take data units on a log axis, annotations log10 units: placed in data
                 # units a label sits at 10^step and stretches the axis to absurd ranges.
                 kwargs["annotation"] = {"x": math.log10(x0)}
@@ -53,16 +55,15 @@ def _log_steps(tracking: Tracking) -> bool:
     return bool(len(steps) > 2 and steps[1] > 0 and steps[-1] / max(steps[1], 1) > 200)
 
 
-def _shape_x(tracking: Tracking, step: float) -> float:
-    """A step as a shape coordinate (phase window, step marker). On a log axis step 0 has no
-    place: it sits at the first positive step."""
-    if not _log_steps(tracking):
-        return step
-    return max(step, min(s for s in tracking.steps if s > 0))
+def _log_floor(tracking: Tracking) -> int | None:
+    """On a log step axis, the least step a shape (phase window, step marker) may sit at: step 0
+    has no place there, so it sits at the first positive step. None on a linear axis."""
+    return min(s for s in tracking.steps if s > 0) if _log_steps(tracking) else None
 
 
 def _step_marker(fig, tracking: Tracking, step: int) -> None:
-    fig.add_vline(x=_shape_x(tracking, step), line_dash="dash", line_color="grey")
+    floor = _log_floor(tracking)
+    fig.add_vline(x=step if floor is None else max(step, floor), line_dash="dash", line_color="grey")
 
 
 def _x_axis(fig, tracking: Tracking, rows: int = 1) -> None:
@@ -215,11 +216,9 @@ def write_figures(tracking: Tracking, study=None, out_dir: Path | str = "figures
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written: dict[str, list[str]] = {"html": [], "png": [], "notes": []}
-    browser = _chromium()
-    renderer = "kaleido" if png_available() else ("chromium" if browser else None)
-    if not png:
-        renderer = None
-    elif renderer is None:
+    browser = _chromium() if png else None
+    renderer = None if not png else "kaleido" if png_available() else ("chromium" if browser else None)
+    if png and renderer is None:
         written["notes"].append("PNG skipped: neither the 'kaleido' package nor a Chromium browser is installed "
                                 "(pip install kaleido)")
     for name, fig in all_figures(tracking).items():
@@ -236,7 +235,6 @@ def write_figures(tracking: Tracking, study=None, out_dir: Path | str = "figures
                 _screenshot(browser, html, target, fig)
             written["png"].append(str(target))
         except Exception as err:  # a renderer that cannot run here: keep the HTML, say why once
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
-            written["notes"].append(f"PNG skipped: {renderer} failed on {name} ({first})")
+            written["notes"].append(f"PNG skipped: {renderer} failed on {name} ({first_line(err, 160)})")
             renderer = None
     return written

@@ -63,6 +63,20 @@ def _boot_hub(manifest: Manifest, step: int, device: str):
     return boot_transformers(manifest.hub.repo, revision, device, where=f"{manifest.hub.repo}@{revision}")
 
 
+def random_gptneox(device: str = "cpu", seed: int = 0, **config):
+    """A randomly initialised GPTNeoX (``config``: ``GPTNeoXConfig`` fields), saved as a Hugging
+    Face folder and booted exactly as a local Pythia-style checkpoint is: for benchmarks."""
+    import tempfile
+
+    import torch
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(seed)
+    with tempfile.TemporaryDirectory(prefix="circuits-gptneox-") as tmp:
+        GPTNeoXForCausalLM(GPTNeoXConfig(**config)).eval().save_pretrained(tmp)
+        return boot_transformers(tmp, None, device, where=tmp)
+
+
 def boot_transformers(name: str, revision: str | None, device: str, where: str):
     """A Hugging Face model (Hub name with ``revision``, or a local folder) as an eval-mode bridge;
     errors name ``where``."""

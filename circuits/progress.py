@@ -138,43 +138,54 @@ def _last_available_step(manifest) -> int:
     if manifest.source == "local" and manifest.origin is not None:
         from circuits.checkpoint import step_dirname
 
+        root = manifest.checkpoint_root  # a property that resolves paths: once, not per step
         for step in reversed(manifest.steps):
-            if (manifest.checkpoint_root / step_dirname(step) / "config.json").exists():
+            if (root / step_dirname(step) / "config.json").exists():
                 return step
     return manifest.steps[-1]
 
 
-def key_frequencies(ctx: VisitContext, p: int) -> np.ndarray:
-    """The run's key frequencies: ``ctx.options['key_freqs']``, else the final checkpoint's top ones."""
+def key_frequencies(ctx: VisitContext, p: int, norms: np.ndarray | None = None) -> np.ndarray:
+    """The run's key frequencies: ``ctx.options['key_freqs']``, else the final checkpoint's top ones.
+
+    ``norms``: this step's ``embed_freq_norms``, when the caller has them already."""
     if "key_freqs" in ctx.options:
         return np.asarray(ctx.options["key_freqs"], dtype=np.int64)
     n_key = min(int(ctx.options.get("n_key_freqs", N_KEY_FREQS)), (p - 1) // 2)
     final = _last_available_step(ctx.manifest)
     if ctx.step == final or ctx.manifest.origin is None:
-        norms = embed_freq_norms(ctx.model.W_E.detach().float().cpu()[:p])
+        if norms is None:
+            norms = embed_freq_norms(ctx.model.W_E.detach().float().cpu()[:p])
         return top_freqs(norms, n_key)
     return np.asarray(_final_key_freqs(ctx.manifest.origin, final, n_key), dtype=np.int64)
 
 
 def modular_addition_measures(ctx: VisitContext) -> AnalysisResult:
-    from circuits.recipes.modular_addition import all_pairs, train_test_split
+    from circuits.recipes.modular_addition import (
+        all_pairs,
+        answer_loss_and_accuracy,
+        train_test_split,
+    )
 
     local = ctx.manifest.local
     p = int(local.options["p"])
     train_idx, test_idx = train_test_split(p, float(local.options["train_frac"]), int(local.seed or 0))
     pairs = all_pairs(p)
     with torch.no_grad():
-        logits = ctx.model(pairs.to(ctx.device))[:, -1, :p].double().cpu()
+        full = ctx.model(pairs.to(ctx.device)).cpu()
+    # Loss and accuracy exactly as the recipe evaluates them (metrics.json).
+    train_loss, train_acc = answer_loss_and_accuracy(full[train_idx], pairs[train_idx], p)
+    test_loss, test_acc = answer_loss_and_accuracy(full[test_idx], pairs[test_idx], p)
+    logits = full[:, -1, :p].double()
     answers = (pairs[:, 0] + pairs[:, 1]) % p
-    correct = logits.argmax(-1) == answers
     norms = embed_freq_norms(ctx.model.W_E.detach().float().cpu()[:p])
-    keys = key_frequencies(ctx, p)
+    keys = key_frequencies(ctx, p, norms)
     restricted, excluded = restricted_and_excluded(logits, answers, train_idx, p, keys)
     return {
-        "train_loss": F.cross_entropy(logits[train_idx], answers[train_idx]).item(),
-        "test_loss": F.cross_entropy(logits[test_idx], answers[test_idx]).item(),
-        "train_acc": correct[train_idx].double().mean().item(),
-        "test_acc": correct[test_idx].double().mean().item(),
+        "train_loss": train_loss.item(),
+        "test_loss": test_loss.item(),
+        "train_acc": train_acc.item(),
+        "test_acc": test_acc.item(),
         "embed_freq_norm": norms.astype("float32"),
         "key_freqs": keys.astype(np.int64),
         "key_share": key_share(norms, keys),

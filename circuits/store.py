@@ -575,6 +575,7 @@ class Study:
         self._task = None
         self._manifest = None
         self._open: OrderedDict[int, h5py.File] = OrderedDict()
+        self._max_open = _max_open(self.MAX_OPEN)  # the file-descriptor limit, read once
         self._layouts: dict[int, dict[str, tuple[tuple[int, ...], np.dtype]]] = {}
         self._paths: dict[int, Path] = {}
         self._signatures: dict[int, tuple[int, int, int]] = {}
@@ -657,7 +658,7 @@ class Study:
             return f
         f = open_shard(self._paths[step])
         self._open[step] = f
-        while len(self._open) > _max_open(self.MAX_OPEN):
+        while len(self._open) > self._max_open:
             _, old = self._open.popitem(last=False)
             old.close()
         return f

@@ -24,11 +24,11 @@ import torch
 from circuits import store
 from circuits.errors import CircuitsError
 from circuits.executors import (
-    EXECUTORS,
     FAULT_ENV,
     LocalExecutor,
     StepResult,
     StepSpec,
+    check_executor,
     make_executor,
 )
 from circuits.manifest import Manifest, load_manifest
@@ -339,12 +339,7 @@ def sweep(
         raise CircuitsError(f"--batch-size {batch_size}: must be at least 1")
     if method not in METHODS:
         raise CircuitsError(f"--method {method!r}: expected one of {', '.join(METHODS)}")
-    if isinstance(executor, str) and executor not in EXECUTORS:
-        raise CircuitsError(f"--executor {executor!r}: expected one of {', '.join(EXECUTORS)}")
-    if workers is not None and workers < 1:
-        raise CircuitsError(f"--workers {workers}: must be at least 1")
-    if executor == "local":
-        make_executor("local", workers, ray_address)  # refuses --workers > 1 before anything touches disk
+    check_executor(executor, workers, ray_address)  # before anything touches disk
     analyses = builtin_analyses(method) if analyses is None else analyses
     for name, _ in analyses:
         if name in store.RESERVED or "/" in name or not name:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import platform
-import tempfile
 import time
 from pathlib import Path
 
@@ -51,18 +50,6 @@ def _paired_ratio(fn, unit, repeats: int) -> tuple[float, float]:
         ratios.append((end - middle) / (middle - start))
         times.append(end - middle)
     return float(np.median(ratios)), min(times)
-
-
-def _tiny_neox(path: Path, d_model: int, n_layers: int, n_heads: int, vocab: int, seed: int):
-    from transformer_lens.model_bridge import TransformerBridge
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
-
-    config = GPTNeoXConfig(vocab_size=vocab, hidden_size=d_model, num_hidden_layers=n_layers,
-                           num_attention_heads=n_heads, intermediate_size=4 * d_model,
-                           max_position_embeddings=128, rotary_pct=0.25, use_parallel_residual=True)
-    torch.manual_seed(seed)
-    GPTNeoXForCausalLM(config).eval().save_pretrained(path)
-    return TransformerBridge.boot_transformers(str(path), device="cpu").eval()
 
 
 def _cpu_name() -> str:
@@ -100,11 +87,13 @@ def _bench(json_out, n_pairs, seq_len, d_model, n_layers, n_heads, ig_steps, rep
     from circuits.discovery import Evaluator, FunctionalModel, score_edges
     from circuits.discovery.selection import top_n
     from circuits.graph import GraphSpec
+    from circuits.loading import random_gptneox
     from circuits.tasks import Task, metric_per_example
 
     vocab = 512
-    with tempfile.TemporaryDirectory() as tmp:
-        model = _tiny_neox(Path(tmp) / "neox", d_model, n_layers, n_heads, vocab, seed)
+    model = random_gptneox(seed=seed, vocab_size=vocab, hidden_size=d_model, num_hidden_layers=n_layers,
+                           num_attention_heads=n_heads, intermediate_size=4 * d_model, max_position_embeddings=128,
+                           rotary_pct=0.25, use_parallel_residual=True)
     gen = torch.Generator().manual_seed(seed)
     clean = torch.randint(0, vocab, (n_pairs, seq_len), generator=gen)
     corrupted = clean.clone()
