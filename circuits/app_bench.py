@@ -85,7 +85,7 @@ def synthetic_study(out: Path, n_edges: int = 1000, n_examples: int = 4, seq_len
             shard.write_static(task_datasets)
             metric = np.full(n_examples, 4 * t, dtype=np.float32)
             shard.write_batch(0, {
-                store.PATTERNS: patterns,
+                store.PATTERNS: store.pack_patterns(patterns),
                 "outputs/metric_clean": metric, "outputs/metric_corrupted": metric * 0,
                 "outputs/loss_clean": np.full(n_examples, 4 - 3 * t, dtype=np.float32),
                 "outputs/loss_corrupted": np.full(n_examples, 4.0, dtype=np.float32),

@@ -16,6 +16,7 @@ thread (``BackgroundWriter``) so that writing batch N overlaps the forward pass 
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import os
 import queue
@@ -34,9 +35,10 @@ import numpy as np
 from circuits import chunks
 from circuits.errors import CircuitsError, first_line
 
-SHARD_FORMAT = "circuits-shard/1"
-STUDY_FORMAT = "circuits-study/1"
-INDEX_FORMAT = "circuits-index/1"
+# /2: attention patterns stored as their lower triangle (format /1 held the full square).
+SHARD_FORMAT = "circuits-shard/2"
+STUDY_FORMAT = "circuits-study/2"
+INDEX_FORMAT = "circuits-index/2"
 STUDY_FILE = "study.json"
 INDEX_FILE = "index.h5"
 SHARD_DIR = "shards"
@@ -44,7 +46,8 @@ SHARD_RE = re.compile(r"^step(\d{8})\.h5$")
 TMP_RE = re.compile(r"^\.(step\d{8}\.h5|index\.h5)\.tmp-(\d+)$")
 # Groups the sweep itself writes; analyses may not use these names.
 RESERVED = ("patterns", "activations", "outputs", "task")
-PATTERNS = "patterns"  # [example, layer, head, q, k]
+PATTERNS = "patterns"  # [example, layer, head, q*(q+1)/2 + k]: the causal lower triangle, row by row
+PATTERN_LAYOUT = "lower triangle of [query, key] row by row: [q, k] (k <= q) at q*(q+1)/2 + k; [q, k > q] is 0"
 OUTPUT_KEYS = ("logits_clean", "logits_corrupted", "metric_clean", "metric_corrupted", "loss_clean", "loss_corrupted")
 
 # Measured in docs/performance.md (float16 patterns + residuals + head outputs, 64 x 128
@@ -88,6 +91,47 @@ def _fault(point: str, path: Path) -> None:
 
 def shard_name(step: int) -> str:
     return f"step{step:08d}.h5"
+
+
+# ---------------------------------------------------------------- patterns: the causal lower triangle
+# A causal pattern is 0 above its diagonal. Storing only the triangle halves what is
+# compressed, and zstd runs ~4x faster on it than on rows cut by runs of zeros (measured in
+# docs/performance.md), for slightly fewer bytes.
+
+
+def triangle_size(n_positions: int) -> int:
+    return n_positions * (n_positions + 1) // 2
+
+
+def positions_of(triangle: int) -> int:
+    """The n with ``triangle_size(n) == triangle`` (ValueError if there is none)."""
+    n = int((np.sqrt(8 * triangle + 1) - 1) / 2)
+    if triangle_size(n) != triangle:
+        raise ValueError(f"{triangle} is not the size of a lower triangle")
+    return n
+
+
+@functools.lru_cache(maxsize=8)
+def lower_triangle(n_positions: int) -> np.ndarray:
+    """Flat indices ``q * n + k`` (k <= q) of a [query, key] square, in stored order."""
+    q, k = np.tril_indices(n_positions)
+    index = q * n_positions + k
+    index.flags.writeable = False
+    return index
+
+
+def pack_patterns(square: np.ndarray) -> np.ndarray:
+    """[..., q, k] -> [..., q*(q+1)/2] as stored (the sweep does the same with torch)."""
+    n = square.shape[-1]
+    return square.reshape(*square.shape[:-2], n * n)[..., lower_triangle(n)]
+
+
+def unpack_patterns(packed: np.ndarray) -> np.ndarray:
+    """[..., q*(q+1)/2] as stored -> [..., q, k], zeros above the diagonal."""
+    n = positions_of(packed.shape[-1])
+    square = np.zeros((*packed.shape[:-1], n * n), dtype=packed.dtype)
+    square[..., lower_triangle(n)] = packed
+    return square.reshape(*packed.shape[:-1], n, n)
 
 
 def _utf8(value: Any) -> str:
@@ -222,7 +266,11 @@ class ShardWriter:
         else:
             rows = _divisor_at_most(self.batch_size, max(1, ACTIVATION_CHUNK_BYTES // per_example))
             chunk_shape = (min(rows, shape[0]), *array.shape[1:])
-        return f.create_dataset(name, shape=shape, dtype=array.dtype, chunks=chunk_shape, **chunks.PIPELINE)
+        dataset = f.create_dataset(name, shape=shape, dtype=array.dtype, chunks=chunk_shape, **chunks.PIPELINE)
+        if name == PATTERNS:  # what an h5py-only reader needs to unpack it
+            dataset.attrs["layout"] = PATTERN_LAYOUT
+            dataset.attrs["positions"] = positions_of(array.shape[-1])
+        return dataset
 
     def write_batch(self, start: int, arrays: dict[str, np.ndarray]) -> None:
         """Queue ``arrays`` (each [batch, ...]) into rows ``start:start+batch`` of their datasets."""
@@ -315,6 +363,13 @@ def _attr(f: h5py.File, name: str) -> Any:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
 
 
+def _format_error(path: Path, what: str, found: Any, expected: str) -> str:
+    if isinstance(found, str) and found.split("/")[0] == expected.split("/")[0]:
+        return (f"{path}: a {what} of another circuits version (format {found!r}, this version reads {expected!r}); "
+                "sweep again into a new folder")
+    return f"{path}: not a circuits {what} (format {found!r}, expected {expected!r})"
+
+
 def check_shard(f: h5py.File, path: Path, step: int | None = None) -> None:
     """Refuse a shard without its completion mark, of another format, or with damaged attributes.
 
@@ -323,7 +378,7 @@ def check_shard(f: h5py.File, path: Path, step: int | None = None) -> None:
     if _attr(f, "complete") is not True:
         raise CircuitsError(f"{path}: incomplete shard (no completion mark); re-run the sweep to redo it")
     if _attr(f, "format") != SHARD_FORMAT:
-        raise CircuitsError(f"{path}: not a circuits shard (format {_attr(f, 'format')!r}, expected {SHARD_FORMAT!r})")
+        raise CircuitsError(_format_error(path, "shard", _attr(f, "format"), SHARD_FORMAT))
     for name in ("step", "tokens_seen"):
         value = _attr(f, name)
         if not isinstance(value, int) or isinstance(value, bool):
@@ -472,7 +527,10 @@ def _write_index_file(tmp: Path, steps: list[int], keys: dict, layouts: dict, st
                 if layouts[step].get(name, (None,))[0] == shape:
                     source = f"{SHARD_DIR}/{shard_name(step)}"  # relative: resolved next to index.h5
                     layout[i] = h5py.VirtualSource(source, name, shape=shape, dtype=dtype)
-            f.create_virtual_dataset(name, layout, fillvalue=_fill_value(np.dtype(dtype)))
+            dataset = f.create_virtual_dataset(name, layout, fillvalue=_fill_value(np.dtype(dtype)))
+            if name == PATTERNS:
+                dataset.attrs["layout"] = PATTERN_LAYOUT
+                dataset.attrs["positions"] = positions_of(shape[-1])
         _fault("index", tmp)
         f.flush()
 
@@ -490,7 +548,7 @@ def read_study_json(study: Path) -> dict[str, Any] | None:
         raise CircuitsError(f"{path}: unreadable study description ({_first_line(err)})") from None
     if not isinstance(data, dict) or data.get("format") != STUDY_FORMAT:
         found = data.get("format") if isinstance(data, dict) else type(data).__name__
-        raise CircuitsError(f"{path}: not a circuits study (format {found!r}, expected {STUDY_FORMAT!r})")
+        raise CircuitsError(_format_error(path, "study", found, STUDY_FORMAT))
     _check_record(data, path)
     return data
 
@@ -620,7 +678,7 @@ class Study:
             raise CircuitsError(f"{path}: a shard of another study (prompt hash {theirs!r}, this study's "
                                 f"{task['prompt_hash']!r}); move it away and re-run the sweep")
         n, t = task["n_examples"], task["seq_len"]
-        patterns = (n, self.n_layers, self.n_heads, t, t)
+        patterns = (n, self.n_layers, self.n_heads, triangle_size(t))
         for name, (shape, dtype) in layout.items():
             kind = np.dtype(dtype).kind
             if kind not in "biuf":
@@ -763,7 +821,7 @@ class Study:
         self._check_index("layer", layer, self.n_layers)
         self._check_index("head", head, self.n_heads)
         self._check_index("example", example, self.n_examples)
-        return self._read(step, PATTERNS, (int(example), int(layer), int(head))).astype(np.float32)
+        return unpack_patterns(self._read(step, PATTERNS, (int(example), int(layer), int(head))).astype(np.float32))
 
     def activation(self, step: int, hook: str, example: int | None = None) -> np.ndarray:
         """A cached activation of the clean prompts ([example, ...] as TL shapes it), float32."""

@@ -229,9 +229,11 @@ def cache_batch(model, tokens: torch.Tensor, hooks: list[str], dtype: torch.dtyp
                 positions: torch.Tensor | None = None):
     """One clean batch, caching patterns and ``hooks``: (logits, cache, arrays to store).
 
-    ``arrays`` holds the attention patterns of every layer stacked as [batch, layer, head, q, k]
-    and each hook's activation, converted to ``dtype`` (call under ``torch.no_grad()``).
-    ``logits`` are taken at ``positions`` only when given (see :func:`forward_at`).
+    ``arrays`` holds the attention patterns of every layer stacked as [batch, layer, head,
+    q*(q+1)/2] (their causal lower triangle, as stored: ``store.PATTERN_LAYOUT``) and each
+    hook's activation, converted to ``dtype`` (call under ``torch.no_grad()``). ``cache``
+    holds what the hooks saw, patterns square. ``logits`` are taken at ``positions`` only when
+    given (see :func:`forward_at`).
     """
     n_layers = model.cfg.n_layers
     names = [pattern_hook(layer) for layer in range(n_layers)] + list(hooks)
@@ -245,8 +247,11 @@ def cache_batch(model, tokens: torch.Tensor, hooks: list[str], dtype: torch.dtyp
         return keep
 
     logits = forward_at(model, tokens, positions, [(name, keeper(name)) for name in names])
-    # Convert each layer before stacking: the copy then moves half the bytes in float16.
-    patterns = torch.stack([cache[pattern_hook(layer)].to(dtype=dtype) for layer in range(n_layers)], dim=1)
+    n = tokens.shape[-1]
+    triangle = torch.tensor(store.lower_triangle(n), device=tokens.device)
+    # Gather the triangle, then convert: the float16 copy moves a quarter of the float32 square.
+    patterns = torch.stack([cache[pattern_hook(layer)].flatten(-2).index_select(-1, triangle).to(dtype=dtype)
+                            for layer in range(n_layers)], dim=1)
     arrays = {store.PATTERNS: _numpy(patterns, dtype)}
     arrays |= {f"activations/{hook}": _numpy(cache[hook], dtype) for hook in hooks}
     return logits, cache, arrays
@@ -386,6 +391,9 @@ def _run(manifest, task, out, selected, pending, done, layouts, tokens, damaged,
         task = make_task(task, model, n_examples, seed)
     else:
         task.check_fits(model.cfg.d_vocab, model.cfg.n_ctx)
+    if getattr(model.cfg, "attention_dir", "causal") != "causal":  # patterns are stored as lower triangles
+        raise CircuitsError(f"{manifest.name}: attention is {model.cfg.attention_dir}, the sweep caches causal "
+                            "language models only")
     hook_names = resolve_hooks(model, hooks)
     record = _study_record(manifest, task, model, hooks, hook_names, dtype, options)
     if existing is None:

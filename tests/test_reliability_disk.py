@@ -105,10 +105,10 @@ def test_a_shard_whose_write_failed_never_lands_even_if_its_finish_was_queued(tm
     final = tmp_path / store.SHARD_DIR / store.shard_name(7)
     with store.BackgroundWriter() as writer:
         shard = store.ShardWriter(final, 4, 2, writer)
-        shard.write_batch(0, {store.PATTERNS: np.ones((2, 1, 1, 3, 3), np.float16)})
+        shard.write_batch(0, {store.PATTERNS: np.ones((2, 1, 1, 6), np.float16)})
         with pytest.raises(CircuitsError, match="no space left on device"):
             writer.wait()  # the caller sees the error (and the writer forgets it)
-        shard.write_batch(2, {store.PATTERNS: np.ones((2, 1, 1, 3, 3), np.float16)})
+        shard.write_batch(2, {store.PATTERNS: np.ones((2, 1, 1, 6), np.float16)})
         shard.finish({"step": 7, "tokens_seen": 0})
         writer.wait()
         shard.abort()

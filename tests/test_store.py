@@ -19,7 +19,7 @@ N, LAYERS, HEADS, SEQ = 4, 2, 3, 7
 
 def pattern_of(step: int) -> np.ndarray:
     rng = np.random.default_rng(step)
-    scores = np.tril(rng.random((N, LAYERS, HEADS, SEQ, SEQ))) + 1e-3
+    scores = np.tril(rng.random((N, LAYERS, HEADS, SEQ, SEQ)) + 1e-3)  # causal: 0 above the diagonal
     return (scores / scores.sum(-1, keepdims=True)).astype(np.float16)
 
 
@@ -28,7 +28,7 @@ def write_shard(study: Path, step: int, writer: store.BackgroundWriter, extra: d
     shard = store.ShardWriter(study / store.SHARD_DIR / store.shard_name(step), N, 2, writer)
     patterns = pattern_of(step)
     for start in (0, 2):
-        shard.write_batch(start, {store.PATTERNS: patterns[start:start + 2],
+        shard.write_batch(start, {store.PATTERNS: store.pack_patterns(patterns[start:start + 2]),
                                   "outputs/metric_clean": np.full(2, float(step), np.float32)})
     shard.write_static(extra or {})
     if finish:
@@ -67,7 +67,7 @@ def test_shard_lands_only_when_finished_with_its_completion_mark(tmp_path):
     with h5py.File(shard.final, "r") as f:
         assert f.attrs["complete"] and f.attrs["step"] == 5
         assert json.loads(f.attrs["provenance"])["tokens_seen"] == 50
-        np.testing.assert_array_equal(f[store.PATTERNS][()], pattern_of(5))
+        np.testing.assert_array_equal(store.unpack_patterns(f[store.PATTERNS][()]), pattern_of(5))
         assert f[store.PATTERNS].chunks[1:3] == (1, 1)  # one (layer, head) per chunk
 
 
@@ -75,7 +75,7 @@ def test_a_failed_write_surfaces_and_its_shard_never_lands(tmp_path):
     (tmp_path / store.SHARD_DIR).mkdir()
     with store.BackgroundWriter() as writer:
         shard = store.ShardWriter(tmp_path / store.SHARD_DIR / store.shard_name(1), N, 2, writer)
-        shard.write_batch(0, {store.PATTERNS: pattern_of(1)[:2]})
+        shard.write_batch(0, {store.PATTERNS: store.pack_patterns(pattern_of(1)[:2])})
         shard.write_batch(2, {store.PATTERNS: np.zeros((2, 9), np.float16)})  # wrong shape
         shard.finish({"step": 1, "tokens_seen": 0})
         with pytest.raises(ValueError, match="shape"):
@@ -90,7 +90,11 @@ def test_index_stacks_steps_and_reads_with_h5py_alone(tmp_path):
         steps = list(index["steps"][()])
         assert steps == [0, 10, 20]
         i = steps.index(10)
-        np.testing.assert_array_equal(index["patterns"][i, 3, 1, 2], pattern_of(10)[3, 1, 2])
+        packed = index["patterns"][i, 3, 1, 2]  # the lower triangle, row by row
+        n = index["patterns"].attrs["positions"]
+        pattern = np.zeros((n, n), packed.dtype)
+        pattern[np.tril_indices(n)] = packed
+        np.testing.assert_array_equal(pattern, pattern_of(10)[3, 1, 2])
         assert np.isnan(index["heads/induction"][i]).all()  # step 10 has no head scores
         assert list(index["tokens_seen"][()]) == [0, 100, 200]
 
@@ -174,3 +178,27 @@ def test_a_flipped_bit_in_a_shard_is_a_corrupted_shard_error_not_a_wrong_number(
     study = store.open_study(root)
     with pytest.raises(CircuitsError, match=r"step00000020\.h5: corrupted shard, cannot read"):
         study.array(dataset) if dataset != store.PATTERNS else study.pattern(20, 0, 0, 0)
+
+
+def test_a_study_of_an_older_format_is_refused_with_a_hint_to_sweep_again(tmp_path):
+    root = make_study(tmp_path)
+    record = json.loads((root / store.STUDY_FILE).read_text())
+    (root / store.STUDY_FILE).write_text(json.dumps(record | {"format": "circuits-study/1"}))
+    with pytest.raises(CircuitsError, match=r"another circuits version \(format 'circuits-study/1'.*sweep again"):
+        store.open_study(root)
+
+
+def test_a_shard_of_an_older_format_is_a_problem_not_a_step(tmp_path):
+    root = make_study(tmp_path)
+    with h5py.File(root / store.SHARD_DIR / store.shard_name(20), "r+") as f:
+        f.attrs["format"] = "circuits-shard/1"
+    study = store.open_study(root)
+    assert study.steps == [0, 10] and "another circuits version" in study.problems[20]
+
+
+def test_patterns_pack_to_their_lower_triangle_and_back():
+    square = pattern_of(3)
+    packed = store.pack_patterns(square)
+    assert packed.shape == (N, LAYERS, HEADS, SEQ * (SEQ + 1) // 2)
+    np.testing.assert_array_equal(packed[0, 0, 0, :3], [square[0, 0, 0, 0, 0], *square[0, 0, 0, 1, :2]])
+    np.testing.assert_array_equal(store.unpack_patterns(packed), square)

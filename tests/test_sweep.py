@@ -131,7 +131,7 @@ def test_incomplete_shard_is_ignored_and_redone(induction_run, study_f16, tmp_pa
     shutil.copytree(study_f16, out)
     unmarked = out / "shards" / "step00000050.h5"
     with h5py.File(unmarked, "w") as f:  # looks landed, but no completion mark: not data
-        f.create_dataset("patterns", data=np.zeros((N_EXAMPLES, 2, 4, 33, 33), np.float16))
+        f.create_dataset("patterns", data=np.zeros((N_EXAMPLES, 2, 4, 33 * 34 // 2), np.float16))
     (out / "shards" / ".step00000060.h5.tmp-999999999").write_bytes(b"partial")
     study = circuits.open_study(out)
     assert study.steps == [0, 300, 600]
