@@ -51,8 +51,9 @@ PATTERN_LAYOUT = "lower triangle of [query, key] row by row: [q, k] (k <= q) at 
 OUTPUT_KEYS = ("logits_clean", "logits_corrupted", "metric_clean", "metric_corrupted", "loss_clean", "loss_corrupted")
 
 # Measured in docs/performance.md (float16 patterns + residuals + head outputs, 64 x 128
-# tokens, 2-layer d128): byte shuffle then zstd-1 stores patterns at ~0.21 of raw float32 and
-# activations at ~0.42 (float16 mantissas are nearly random), ~0.29 overall, at a fraction of
+# tokens, 2-layer d128): byte shuffle then zstd-1 stores patterns (their triangles) at ~0.22
+# of raw float32 squares and activations at ~0.42 (float16 mantissas are nearly random),
+# ~0.29 overall, at a fraction of
 # gzip's CPU. Chunks are compressed by circuits.chunks (in parallel, off HDF5's pipeline) into
 # that standard pipeline's format: every reader needs only ``import hdf5plugin``.
 COMPRESSION_NAME = chunks.PIPELINE_NAME
