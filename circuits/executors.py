@@ -10,8 +10,9 @@ executor made the shards before.
 
 Ray is imported only by ``RayExecutor`` (``pip install 'circuits[ray]'``). Each Ray task asks
 for one CPU (and one GPU when the device is CUDA) and runs torch on one thread; a task that
-fails is retried ``max_retries`` times, and steps that still fail are reported together, in one
-line, once every other step has landed.
+fails in a way another attempt may not (``RETRIED``; not a bad input) is retried
+``max_retries`` times, and steps that still fail are reported together, in one line, once
+every other step has landed.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from circuits import store
-from circuits.errors import CircuitsError, first_line
+from circuits.errors import CircuitsError, RetryableError, first_line
 
 EXECUTORS = ("local", "ray")
 # Tests only: "STEP:TIMES:FOLDER" makes run_step fail on STEP its first TIMES attempts (attempts
@@ -116,18 +117,22 @@ def run_step(spec: StepSpec, step: int, *, model=None, writer: store.BackgroundW
 
 
 def _maybe_inject_fault(fault: str | None, step: int) -> None:
-    """Tests only (``FAULT_ENV``): fail the first TIMES attempts at STEP."""
+    """Tests only (``FAULT_ENV`` = ``STEP:TIMES:[input:]FOLDER``): fail the first TIMES attempts
+    at STEP with a RuntimeError, or with a CircuitsError (a bad input) after ``input:``."""
     if not fault:
         return
     at, times, folder = fault.split(":", 2)
     if int(at) != int(step):
         return
+    bad_input = folder.startswith("input:")
+    folder = folder.removeprefix("input:")
     counter = Path(folder)
     counter.mkdir(parents=True, exist_ok=True)
     attempt = len(list(counter.glob(f"step{step}-attempt*"))) + 1
     (counter / f"step{step}-attempt{attempt}").touch()
     if attempt <= int(times):
-        raise RuntimeError(f"injected failure at step {step} (attempt {attempt} of {times} to fail)")
+        raise (CircuitsError if bad_input else RuntimeError)(
+            f"injected failure at step {step} (attempt {attempt} of {times} to fail)")
 
 
 # ---------------------------------------------------------------- executors
@@ -215,8 +220,8 @@ class RayExecutor:
                                 f"{ {k: v for k, v in resources.items() if k in ('CPU', 'GPU')} })")
         self.workers = workers or available
         self.results: list[StepResult] = []  # of the last run: per-step seconds, CPU seconds, host
-        self._remote = ray.remote(_ray_step).options(num_cpus=1, num_gpus=self.num_gpus,
-                                                     max_retries=max_retries, retry_exceptions=True)
+        self._remote = ray.remote(_ray_step).options(num_cpus=1, num_gpus=self.num_gpus, max_retries=max_retries,
+                                                     retry_exceptions=list(RETRIED))
 
     def run(self, spec: StepSpec, steps: Sequence[int], landed: Callable[[StepResult], None],
             started: Callable[[int], None] = lambda step: None, model=None) -> list[StepResult]:
@@ -249,7 +254,7 @@ class RayExecutor:
                     try:
                         arrived.append(ray.get(ref))
                     except ray.exceptions.RayError as err:
-                        failed[step] = _cause(err)
+                        failed[step] = (_cause(err), _retried(err))
                 submit()  # keep the workers busy while the driver rebuilds the index
                 for result in arrived:
                     landed(result)
@@ -262,7 +267,9 @@ class RayExecutor:
         if failed:
             first = min(failed)
             others = f" (also failed: steps {', '.join(map(str, sorted(failed)[1:]))})" if len(failed) > 1 else ""
-            raise CircuitsError(f"step {first} failed on Ray after {self.max_retries + 1} attempts: {failed[first]}"
+            cause, retried = failed[first]
+            attempts = f"after {self.max_retries + 1} attempts" if retried else "(a bad input: not retried)"
+            raise CircuitsError(f"step {first} failed on Ray {attempts}: {cause}"
                                 f"{others}; the other shards landed, re-run the sweep to retry only these")
         return results
 
@@ -291,6 +298,17 @@ def make_executor(executor: str, workers: int | None = None, ray_address: str | 
     if executor == "ray":
         return RayExecutor(workers, ray_address, device)
     raise CircuitsError(f"--executor {executor!r}: expected one of {', '.join(EXECUTORS)}")
+
+
+# What Ray retries: failures that may pass on another attempt or machine (I/O, a lost
+# connection, a Hub download; CUDA out of memory is a RuntimeError). Any other CircuitsError
+# is a bad input that fails the same way every time. A dying worker is always retried.
+RETRIED = (OSError, RuntimeError, MemoryError, TimeoutError, RetryableError)
+
+
+def _retried(err: BaseException) -> bool:
+    cause = getattr(err, "cause", None)
+    return cause is None or isinstance(cause, RETRIED)
 
 
 def _cause(err: BaseException) -> str:

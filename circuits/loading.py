@@ -20,7 +20,7 @@ from circuits.checkpoint import (
     read_checkpoint_config,
     step_dirname,
 )
-from circuits.errors import CircuitsError, first_line
+from circuits.errors import CircuitsError, RetryableError, first_line
 from circuits.manifest import Manifest, load_manifest
 
 
@@ -94,5 +94,7 @@ def boot_transformers(name: str, revision: str | None, device: str, where: str):
         # Damaged or mismatched weights raise RuntimeError / SafetensorError in transformers.
         first = first_line(err, 240)
         hint = "; with no network it must already be in the Hugging Face cache ($HF_HOME/hub)" if revision else ""
-        raise CircuitsError(f"{where}: cannot load this checkpoint ({first}){hint}") from None
+        # From the Hub, an OSError may be the network: worth another attempt.
+        error = RetryableError if revision is not None and isinstance(err, OSError) else CircuitsError
+        raise error(f"{where}: cannot load this checkpoint ({first}){hint}") from None
     return bridge.eval()

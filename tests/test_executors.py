@@ -208,3 +208,11 @@ def test_bench_scaling_runs_small(induction_run, ray_instance):
     assert figures["peak RSS, 2 / 1 steps"]["value"] > 0
     assert 0 < figures["efficiency 2 workers (wall)"]["value"]
     assert figures["ray start-up (ray.init)"]["value"] == pytest.approx(0, abs=1)  # the module's instance was reused
+
+
+def test_a_bad_input_on_ray_is_reported_without_retries(induction_run, steps, ray_instance, tmp_path, monkeypatch):
+    attempts = tmp_path / "attempts"
+    monkeypatch.setenv(FAULT_ENV, f"{steps[1]}:99:input:{attempts}")
+    with pytest.raises(CircuitsError, match=rf"^step {steps[1]} failed on Ray \(a bad input: not retried\): injected"):
+        sweep(induction_run, "induction", tmp_path / "bad", steps=spec(steps), executor="ray", workers=2, **KW)
+    assert len(list(attempts.glob(f"step{steps[1]}-attempt*"))) == 1

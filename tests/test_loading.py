@@ -240,6 +240,7 @@ import json, sys
 import torch
 from safetensors.torch import load_file
 import circuits
+from circuits.errors import RetryableError
 
 expected = load_file(sys.argv[1])
 result = {}
@@ -250,6 +251,7 @@ try:
     circuits.load("pythia-70m-deduped", 2000)
 except circuits.CircuitsError as err:
     result["missing_step_error"] = str(err)
+    result["missing_step_retryable"] = isinstance(err, RetryableError)
 print(json.dumps(result))
 """
 SNAPSHOT = "0123456789abcdef0123456789abcdef01234567"
@@ -288,3 +290,7 @@ def test_offline_hub_step_missing_from_the_cache_is_one_line_naming_the_revision
     assert message.startswith("EleutherAI/pythia-70m-deduped@step2000: cannot load this checkpoint")
     assert "Hugging Face cache" in message
     assert len(message.splitlines()) == 1
+
+
+def test_a_hub_checkpoint_that_fails_to_load_may_be_retried(offline_hub: dict):
+    assert offline_hub["missing_step_retryable"]  # with a network, a failed download may pass next time
