@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from circuits.discovery.functional import FunctionalModel
-from circuits.discovery.scoring import _default_chunk, metric_of_ablations, reference_runs
+from circuits.discovery.scoring import Ablator, _default_chunk, reference_runs
 from circuits.errors import CircuitsError
 from circuits.tasks import Task, metric_per_example
 
@@ -41,7 +41,6 @@ class Evaluator:
         if self.ablation not in ABLATIONS:
             raise CircuitsError(f"unknown ablation {self.ablation!r}; expected one of: {', '.join(ABLATIONS)}")
         clean, corrupt = reference_runs(self.fm, self.task)
-        self.clean_logits = clean.logits
         self.tokens = self.task.clean.to(self.fm.device)
         clean_each = metric_per_example(clean.logits, self.task, clean.logits).double()
         corrupt_each = metric_per_example(corrupt.logits, self.task, clean.logits).double()
@@ -55,15 +54,12 @@ class Evaluator:
             full = torch.ones(1, *self.fm.spec.shape, device=self.fm.device)
             run = self.fm.run(self.tokens, ablate=full, reference=self.reference)
             baseline_each = metric_per_example(run.logits, self.task, clean.logits).double()
+        self.ablator = Ablator(self.fm, self.task, self.reference, clean.logits)
         self.baseline = float(baseline_each.mean())
         self.gap = self.metric_clean - self.baseline
         diff = clean_each - baseline_each
         self.gap_se = float(diff.std() / len(diff) ** 0.5) if len(diff) > 1 else 0.0
         self.gap_nil = bool(abs(self.gap) < max(self.gap_tol, self.gap_z * self.gap_se))
-
-    @torch.no_grad()
-    def _metrics(self, ablate: torch.Tensor) -> torch.Tensor:
-        return metric_of_ablations(self.fm, self.task, self.tokens, ablate, self.reference, self.clean_logits)
 
     def faithfulness(self, circuits: np.ndarray, chunk: int | None = None) -> np.ndarray:
         """Faithfulness of each circuit mask ([n_forward, n_backward] or [k, ...]); NaN if the gap is nil.
@@ -77,7 +73,7 @@ class Evaluator:
         out = []
         for start in range(0, len(circuits), chunk):
             block = torch.as_tensor(~circuits[start : start + chunk], device=self.fm.device, dtype=self.fm.dtype)
-            out.append(self._metrics(block).double().cpu().numpy())
+            out.append(self.ablator.metrics(block).double().cpu().numpy())
         metrics = np.concatenate(out)
         faith = np.full(len(metrics), np.nan) if self.gap_nil else (metrics - self.baseline) / self.gap
         return faith[0] if single else faith

@@ -22,6 +22,8 @@ Scores of pairs that are not edges (``spec.valid`` False) are 0.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
@@ -118,19 +120,18 @@ def _default_chunk(fm: FunctionalModel, task: Task, copies: int, budget: float |
 @torch.no_grad()
 def score_patching(fm: FunctionalModel, task: Task, edges_per_forward: int | None = None) -> np.ndarray:
     """Exact: for every edge, the metric change when its reader gets the corrupted writer output."""
-    clean_run, corrupt_run = reference_runs(fm, task)
-    base = _metric(clean_run.logits, task, clean_run.logits).mean()
     spec = fm.spec
     pairs = np.argwhere(spec.valid)
+
+    def one_edge_each(start: int, stop: int) -> torch.Tensor:
+        block = pairs[start:stop]
+        masks = torch.zeros(len(block), *spec.shape, device=fm.device, dtype=fm.dtype)
+        masks[torch.arange(len(block)), block[:, 0], block[:, 1]] = 1.0
+        return masks
+
     chunk = edges_per_forward or _default_chunk(fm, task, len(pairs), budget=5e7)
     scores = np.zeros(spec.shape, dtype=np.float32)
-    tokens = task.clean.to(fm.device)
-    for start in range(0, len(pairs), chunk):
-        block = pairs[start : start + chunk]
-        mask = torch.zeros(len(block), *spec.shape, device=fm.device, dtype=fm.dtype)
-        mask[torch.arange(len(block)), block[:, 0], block[:, 1]] = 1.0
-        values = metric_of_ablations(fm, task, tokens, mask, corrupt_run.writers, clean_run.logits)
-        scores[block[:, 0], block[:, 1]] = (values - base).cpu().numpy()
+    scores[pairs[:, 0], pairs[:, 1]] = _corruption_effects(fm, task, len(pairs), one_edge_each, chunk)
     return scores
 
 
@@ -139,28 +140,43 @@ def patch_nodes(model_or_fm, task: Task) -> np.ndarray:
     """Exact node patching: float32 [n_forward], the metric change when one writer's output is
     corrupted for every reader at once (``input``: the whole embedding)."""
     fm = model_or_fm if isinstance(model_or_fm, FunctionalModel) else FunctionalModel(model_or_fm)
+
+    def one_writer_each(start: int, stop: int) -> torch.Tensor:
+        masks = torch.zeros(stop - start, *fm.spec.shape, device=fm.device, dtype=fm.dtype)
+        masks[torch.arange(stop - start), torch.arange(start, stop)] = 1.0  # invalid pairs are masked inside run
+        return masks
+
+    return _corruption_effects(fm, task, fm.spec.n_forward, one_writer_each, _default_chunk(fm, task, fm.spec.n_forward))
+
+
+def _corruption_effects(fm: FunctionalModel, task: Task, n: int, masks: Callable[[int, int], torch.Tensor],
+                        chunk: int) -> np.ndarray:
+    """float32 [n]: mean metric with ``masks(start, stop)`` corrupted, minus the clean metric."""
     clean_run, corrupt_run = reference_runs(fm, task)
     base = _metric(clean_run.logits, task, clean_run.logits).mean()
-    masks = torch.zeros(fm.spec.n_forward, *fm.spec.shape, device=fm.device, dtype=fm.dtype)
-    rows = torch.arange(fm.spec.n_forward)
-    masks[rows, rows] = 1.0  # every port of writer u (invalid pairs are masked inside run)
-    out = []
-    chunk = _default_chunk(fm, task, fm.spec.n_forward)
-    for start in range(0, fm.spec.n_forward, chunk):
-        out.append(metric_of_ablations(fm, task, task.clean.to(fm.device), masks[start : start + chunk],
-                                       corrupt_run.writers, clean_run.logits) - base)
-    return torch.cat(out).float().cpu().numpy()
+    ablator = Ablator(fm, task, corrupt_run.writers, clean_run.logits)
+    effects = [ablator.metrics(masks(start, min(start + chunk, n))) - base for start in range(0, n, chunk)]
+    return torch.cat(effects).float().cpu().numpy()
 
 
-@torch.no_grad()
-def metric_of_ablations(fm: FunctionalModel, task: Task, tokens, masks: torch.Tensor, reference, clean_logits) -> torch.Tensor:
-    """Mean task metric for each of ``k`` ablation masks [k, n_forward, n_backward] (one forward)."""
-    k = masks.shape[0]
-    positions, local = at_answer_positions(task)
-    positions = positions.to(fm.device)
-    run = fm.run(tokens, ablate=masks, reference=reference, logit_positions=positions)
-    values = _metric(run.logits, _repeat(local, k), clean_logits[:, positions].repeat(k, 1, 1))
-    return values.view(k, task.n_examples).mean(1)
+class Ablator:
+    """Runs of ``task`` in which the edges of a mask read ``reference`` instead of the clean
+    writer outputs: the mean task metric of each of several masks, all in one forward."""
+
+    def __init__(self, fm: FunctionalModel, task: Task, reference: torch.Tensor, clean_logits: torch.Tensor) -> None:
+        self.fm, self.task, self.reference = fm, task, reference
+        self.tokens = task.clean.to(fm.device)
+        positions, self.answers = at_answer_positions(task)
+        self.positions = positions.to(fm.device)
+        self.clean_at = clean_logits[:, self.positions]
+
+    @torch.no_grad()
+    def metrics(self, masks: torch.Tensor) -> torch.Tensor:
+        """[k, n_forward, n_backward] masks (1 = ablated) -> [k] mean metrics."""
+        k = masks.shape[0]
+        run = self.fm.run(self.tokens, ablate=masks, reference=self.reference, logit_positions=self.positions)
+        values = _metric(run.logits, _repeat(self.answers, k), self.clean_at.repeat(k, 1, 1))
+        return values.view(k, self.task.n_examples).mean(1)
 
 
 def score_edges(model_or_fm, task: Task, method: str = "eap-ig", ig_steps: int = 5) -> np.ndarray:
