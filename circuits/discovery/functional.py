@@ -130,11 +130,10 @@ class FunctionalModel:
         with torch.no_grad():
             self.W_E = model.W_E.detach()
             self.W_pos = model.W_pos.detach() if pos_type == "standard" else None
-            self.W_Q, self.W_K, self.W_V, self.W_O = (w.detach() for w in (model.W_Q, model.W_K, model.W_V, model.W_O))
-            self.b_Q, self.b_K, self.b_V, self.b_O = (b.detach() for b in (model.b_Q, model.b_K, model.b_V, model.b_O))
-            # q, k and v of every head as one projection [layer, 3*head, d_model, d_head] (fast path)
-            self.W_QKV = torch.cat([self.W_Q, self.W_K, self.W_V], dim=1)
-            self.b_QKV = torch.cat([self.b_Q, self.b_K, self.b_V], dim=1)
+            self.W_O, self.b_O = model.W_O.detach(), model.b_O.detach()
+            # q, k and v of every head as one projection: [layer, 3*head, d_model, d_head]
+            self.W_QKV = torch.cat([model.W_Q, model.W_K, model.W_V], dim=1).detach()
+            self.b_QKV = torch.cat([model.b_Q, model.b_K, model.b_V], dim=1).detach()
             if self.has_mlp:
                 self.W_in, self.b_in = model.W_in.detach(), model.b_in.detach()
                 self.W_out, self.b_out = model.W_out.detach(), model.b_out.detach()
@@ -279,17 +278,13 @@ class FunctionalModel:
                 # port come from d/dq, d/dk, d/dv through the norm's vjp (see port_grads).
                 normed = self.ln1[layer](resid)
                 qkv = einops.einsum(normed, self.W_QKV[layer], "b p d, h d e -> b p h e") + self.b_QKV[layer]
-                q, k, v = qkv[:, :, :H], qkv[:, :, H : 2 * H], qkv[:, :, 2 * H :]
                 if grad_ports:
                     ports.append(qkv)
                     port_inputs.append(resid.detach())
-            else:
-                qkv_in = port_input(resid, reader, 3 * H)
-                normed = self.ln1[layer](qkv_in)
-                q_in, k_in, v_in = normed[:, :, :H], normed[:, :, H : 2 * H], normed[:, :, 2 * H :]
-                q = einops.einsum(q_in, self.W_Q[layer], "b p h d, h d e -> b p h e") + self.b_Q[layer]
-                k = einops.einsum(k_in, self.W_K[layer], "b p h d, h d e -> b p h e") + self.b_K[layer]
-                v = einops.einsum(v_in, self.W_V[layer], "b p h d, h d e -> b p h e") + self.b_V[layer]
+            else:  # each q, k, v port reads its own (partly ablated) residual
+                normed = self.ln1[layer](port_input(resid, reader, 3 * H))
+                qkv = einops.einsum(normed, self.W_QKV[layer], "b p h d, h d e -> b p h e") + self.b_QKV[layer]
+            q, k, v = qkv[:, :, :H], qkv[:, :, H : 2 * H], qkv[:, :, 2 * H :]
             if cos_sin is not None:
                 q, k = self._rotate(q, *cos_sin), self._rotate(k, *cos_sin)
             scores = einops.einsum(q, k, "b q h e, b k h e -> b h q k") / self.attn_scale
