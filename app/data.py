@@ -19,6 +19,7 @@ import numpy as np
 import streamlit as st
 
 from app import graph_view as gv
+from circuits.errors import CircuitsError
 
 CIRCUIT_KEYS = ("circuit/scores", "circuit/in_circuit")
 # One Study object serves every browser session (cache_resource), and its shard handles are an
@@ -152,7 +153,7 @@ def curves(path: str, stamp_: float) -> dict[str, np.ndarray]:
     for name, getter in (("task metric", s.metric), ("loss", s.loss)):
         try:
             out[name] = np.asarray(getter(), dtype=float)
-        except Exception:  # noqa: BLE001 - a study without outputs still has circuits
+        except CircuitsError:  # a study without outputs still has circuits
             continue
     return out
 

@@ -18,8 +18,6 @@ from circuits.progress import (
     top_freqs,
 )
 
-GROK = {"p": 31, "train_frac": 0.7, "steps": 1000, "checkpoint_every": 100, "freeze_biases": False}
-
 
 def _ctx(run_dir, step, **options):
     import circuits
@@ -80,21 +78,12 @@ def test_icl_score_on_the_induction_run(induction_run):
 
 
 @pytest.fixture(scope="module")
-def grokked_run(tmp_path_factory):
-    """p=31, 70% of pairs for training, 1000 steps: memorises by ~100, test accuracy ~0.9 at 1000."""
-    from circuits.recipes import train_recipe
-
-    out = tmp_path_factory.mktemp("grok") / "modadd-p31-grok"
-    train_recipe("modular-addition", out, progress=False, **GROK)
-    return out
-
-
-@pytest.fixture(scope="module")
-def grok_series(grokked_run):
+def grok_series(grokking_run):
+    """The measures over the grokking run's first 1000 steps (memorised by ~100, test accuracy ~0.9 at 1000)."""
     from circuits.manifest import load_manifest
 
-    steps = load_manifest(grokked_run).steps
-    rows = [progress_analysis(_ctx(grokked_run, step)) for step in steps]
+    steps = [step for step in load_manifest(grokking_run).steps if step <= 1000]
+    rows = [progress_analysis(_ctx(grokking_run, step)) for step in steps]
     series = {k: np.array([r[k] for r in rows]) for k in rows[0]}
     return np.array(steps), series
 
@@ -103,6 +92,7 @@ def _first_below(curve, steps, level):
     return int(steps[np.argmax(curve < level)]) if (curve < level).any() else None
 
 
+@pytest.mark.xdist_group("grokking")  # one worker: the grokking run is trained once
 def test_grokking_key_frequencies_dominate(grok_series):
     steps, s = grok_series
     keys = s["key_freqs"][-1]
@@ -112,6 +102,7 @@ def test_grokking_key_frequencies_dominate(grok_series):
     assert s["train_acc"][-1] == 1.0 and s["test_acc"][-1] > 0.85
 
 
+@pytest.mark.xdist_group("grokking")  # one worker: the grokking run is trained once
 def test_grokking_restricted_loss_falls_before_test_loss(grok_series):
     steps, s = grok_series
     level = 1.0
@@ -121,6 +112,7 @@ def test_grokking_restricted_loss_falls_before_test_loss(grok_series):
     assert restricted_at < test_at
 
 
+@pytest.mark.xdist_group("grokking")  # one worker: the grokking run is trained once
 def test_grokking_excluded_loss_rises_while_test_loss_falls(grok_series):
     steps, s = grok_series
     memorised = int(np.argmax(s["train_acc"] > 0.99))
@@ -130,6 +122,7 @@ def test_grokking_excluded_loss_rises_while_test_loss_falls(grok_series):
     assert np.corrcoef(excluded, test)[0, 1] < -0.8
 
 
+@pytest.mark.xdist_group("grokking")  # one worker: the grokking run is trained once
 def test_grokking_phase_change_after_memorisation(grok_series):
     from circuits.tracking import change_points
 
@@ -142,11 +135,12 @@ def test_grokking_phase_change_after_memorisation(grok_series):
     assert falls[-1].step > memorise[0].end_step
 
 
-def test_grokking_measures_match_the_recipes_evaluation(grokked_run, grok_series):
+@pytest.mark.xdist_group("grokking")  # one worker: the grokking run is trained once
+def test_grokking_measures_match_the_recipes_evaluation(grokking_run, grok_series):
     from circuits.recipes.common import read_history
 
     steps, s = grok_series
-    history = {row["step"]: row for row in read_history(grokked_run)}
+    history = {row["step"]: row for row in read_history(grokking_run)}
     for i, step in enumerate(steps):
         for key in ("train_loss", "test_loss", "train_acc", "test_acc"):
             assert s[key][i] == pytest.approx(history[int(step)][key], rel=1e-4, abs=1e-6), (step, key)

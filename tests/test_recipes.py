@@ -99,10 +99,9 @@ def test_tiny_modadd_run_checkpoints_and_metrics(tiny_modadd_run: Path):
 
 
 @pytest.mark.slow
-def test_small_modular_addition_groks(tmp_path: Path):
-    train_recipe("modular-addition", tmp_path, progress=False,
-                 p=31, train_frac=0.7, steps=1500, checkpoint_every=100, freeze_biases=False)
-    history = json.loads((tmp_path / "metrics.json").read_text())
+@pytest.mark.xdist_group("grokking")  # one worker: the grokking run is trained once
+def test_small_modular_addition_groks(grokking_run: Path):
+    history = json.loads((grokking_run / "metrics.json").read_text())
     memorised = next(row["step"] for row in history if row["train_acc"] == 1.0)
     generalised = next(row["step"] for row in history if row["test_acc"] > 0.95)
     assert memorised < generalised
