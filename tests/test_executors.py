@@ -8,10 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import h5py
 import hdf5plugin  # noqa: F401 - registers the codecs the shards use
-import numpy as np
 import pytest
+from study_helpers import assert_same_study
 
 from circuits import store
 from circuits.errors import CircuitsError
@@ -22,9 +21,6 @@ ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install '
 
 KW = {"n_examples": 4, "batch_size": 2, "method": "none", "progress": False}
 # Differ between runs by design: when and where a shard was written.
-VOLATILE = {"written", "created", "host"}
-
-
 @pytest.fixture(scope="module")
 def ray_instance():
     """A local Ray instance shared by the module; sweeps find it and leave it running."""
@@ -51,39 +47,6 @@ def local_study(induction_run, steps, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("executors") / "local"
     sweep(induction_run, "induction", out, steps=spec(steps), **KW)
     return out
-
-
-def _datasets(path: Path) -> dict[str, np.ndarray]:
-    found = {}
-    with h5py.File(path, "r") as f:
-        f.visititems(lambda name, obj: found.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None)
-    return found
-
-
-def _attrs(path: Path) -> dict:
-    import json
-
-    with h5py.File(path, "r") as f:
-        attrs = {k: f.attrs[k] for k in f.attrs}
-    provenance = json.loads(attrs.pop("provenance"))
-    return attrs | {"provenance": {k: v for k, v in provenance.items() if k not in VOLATILE}}
-
-
-def assert_same_study(a: Path, b: Path, provenance: bool = True) -> None:
-    shards_a, shards_b = store.scan_shards(a), store.scan_shards(b)
-    assert list(shards_a) == list(shards_b)
-    for step in shards_a:
-        da, db = _datasets(shards_a[step]), _datasets(shards_b[step])
-        assert sorted(da) == sorted(db), step
-        for name in da:
-            assert da[name].dtype == db[name].dtype and da[name].shape == db[name].shape, (step, name)
-            assert da[name].tobytes() == db[name].tobytes(), f"step {step}: {name} differs"
-        if provenance:
-            assert _attrs(shards_a[step]) == _attrs(shards_b[step])
-    index_a, index_b = _datasets(a / store.INDEX_FILE), _datasets(b / store.INDEX_FILE)
-    assert sorted(index_a) == sorted(index_b)
-    for name in index_a:
-        assert index_a[name].tobytes() == index_b[name].tobytes(), f"index: {name} differs"
 
 
 def test_ray_sweep_equals_local_sweep_bit_for_bit(induction_run, steps, local_study, ray_instance, tmp_path):

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from study_helpers import spread
 
 import circuits
 from circuits.errors import CircuitsError
@@ -65,12 +66,6 @@ while True:
 log.write(json.dumps(["rounds", rounds]) + "\n")
 log.close()
 """
-
-
-def spread(run: Path, n: int) -> str:
-    """``n`` steps spread over the run's schedule, first and last included (a selection string)."""
-    steps = circuits.load_manifest(run).steps
-    return ",".join(str(steps[round(i * (len(steps) - 1) / (n - 1))]) for i in range(n))
 
 
 def digest(array: np.ndarray) -> str:

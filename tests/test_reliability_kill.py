@@ -27,6 +27,7 @@ import h5py
 import hdf5plugin  # noqa: F401 - registers the codecs for h5py
 import numpy as np
 import pytest
+from study_helpers import assert_same_study, spread
 
 import circuits
 from circuits import store
@@ -153,12 +154,6 @@ class Zygote:
             self.proc.kill()
 
 
-def spread(run: Path, n: int) -> str:
-    """``n`` steps spread over the run's schedule, first and last included (a selection string)."""
-    steps = circuits.load_manifest(run).steps
-    return ",".join(str(steps[round(i * (len(steps) - 1) / (n - 1))]) for i in range(n))
-
-
 def sweep_args(run: Path, out: Path) -> dict:
     return {"manifest": str(run), "task": "induction", "out": str(out), "steps": spread(run, N_STEPS), "n_examples": N_EXAMPLES,
             "batch_size": BATCH, "method": "none", "progress": False}
@@ -215,40 +210,6 @@ def check_after_kill(out: Path, selected: list[int]) -> list[int]:
                 patterns = index[store.PATTERNS][:, 0, 1, 0]
                 assert np.isfinite(patterns).all() and patterns.shape[0] == len(listed)
     return steps
-
-
-def datasets(path: Path) -> tuple[dict[str, np.ndarray], dict[str, object]]:
-    arrays: dict[str, np.ndarray] = {}
-    with h5py.File(path, "r") as f:
-        f.visititems(lambda name, obj: arrays.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None)
-        attrs = {k: f.attrs[k] for k in f.attrs if k != "provenance"}
-        provenance = json.loads(f.attrs["provenance"]) if "provenance" in f.attrs else {}
-    provenance.pop("written", None)
-    attrs["provenance"] = provenance
-    return arrays, attrs
-
-
-def assert_same_study(got: Path, want: Path) -> None:
-    names = sorted(p.name for p in (want / store.SHARD_DIR).iterdir())
-    assert sorted(p.name for p in (got / store.SHARD_DIR).iterdir()) == names  # no temporaries, no .corrupt
-    for name in names:
-        (a, a_attrs), (b, b_attrs) = datasets(got / store.SHARD_DIR / name), datasets(want / store.SHARD_DIR / name)
-        assert a.keys() == b.keys(), name
-        for key in b:
-            assert a[key].dtype == b[key].dtype and a[key].tobytes() == b[key].tobytes(), f"{name}:{key}"
-        assert a_attrs == b_attrs, name
-    ga, wa = datasets(got / store.INDEX_FILE)[0], datasets(want / store.INDEX_FILE)[0]
-    assert ga.keys() == wa.keys()
-    for key in wa:
-        np.testing.assert_array_equal(ga[key], wa[key], err_msg=f"index:{key}")
-    g_json, w_json = (json.loads((p / store.STUDY_FILE).read_text()) for p in (got, want))
-    g_json.pop("created"), w_json.pop("created")
-    assert g_json == w_json
-    with circuits.open_study(got) as g, circuits.open_study(want) as w:
-        assert g.steps == w.steps
-        np.testing.assert_array_equal(g.metric(), w.metric())
-        for key in w.keys("circuit"):  # circuits, when the sweep found any
-            np.testing.assert_array_equal(g.array(key), w.array(key))
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ import hdf5plugin  # noqa: F401 - registers the zstd codec for h5py
 import numpy as np
 import pytest
 import torch
+from study_helpers import datasets
 
 import circuits
 from circuits.errors import CircuitsError
@@ -89,13 +90,6 @@ def test_resume_skips_complete_shards(induction_run, study_f16):
     assert after == before
 
 
-def _datasets(path: Path) -> dict[str, np.ndarray]:
-    out = {}
-    with h5py.File(path, "r") as f:
-        f.visititems(lambda name, obj: out.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None)
-    return out
-
-
 def test_killed_sweep_completes_with_the_same_contents(induction_run, study_f16, tmp_path):
     out = tmp_path / "killed"
     code = (f"from circuits.sweep import sweep; sweep({str(induction_run)!r}, 'induction', {str(out)!r}, "
@@ -119,7 +113,7 @@ def test_killed_sweep_completes_with_the_same_contents(induction_run, study_f16,
     assert not [p for p in (out / "shards").iterdir() if ".tmp-" in p.name]
     for step in study.steps:
         name = f"shards/step{step:08d}.h5"
-        got, want = _datasets(out / name), _datasets(study_f16 / name)
+        got, want = datasets(out / name), datasets(study_f16 / name)
         assert got.keys() == want.keys()
         for key in want:
             np.testing.assert_array_equal(got[key], want[key], err_msg=f"{name}:{key}")

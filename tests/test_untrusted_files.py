@@ -44,7 +44,10 @@ def payload(marker: Path) -> bytes:
 @pytest.fixture
 def run_copy(induction_run, tmp_path) -> Path:
     """A run folder with two real checkpoints (the run's first and last, as steps 0 and 600)."""
-    run = tmp_path / "run"
+    return _two_step_run(induction_run, tmp_path / "run")
+
+
+def _two_step_run(induction_run: Path, run: Path) -> Path:
     run.mkdir()
     data = yaml.safe_load((induction_run / "manifest.yaml").read_text())
     for step, source in ((0, data["steps"][0]), (600, data["steps"][-1])):
@@ -102,13 +105,21 @@ def test_no_code_path_unpickles_or_evaluates():
 # ---------------------------------------------------------------- studies
 
 
-@pytest.fixture
-def study_path(run_copy, tmp_path) -> Path:
+@pytest.fixture(scope="module")
+def swept_study(induction_run, tmp_path_factory) -> Path:
     from circuits.sweep import sweep
 
-    out = tmp_path / "study"
-    sweep(run_copy, "induction", out, steps="0,600", n_examples=3, batch_size=3, progress=False)
+    root = tmp_path_factory.mktemp("untrusted")
+    out = root / "study"
+    sweep(_two_step_run(induction_run, root / "run"), "induction", out, steps="0,600", n_examples=3, batch_size=3,
+          progress=False)
     return out
+
+
+@pytest.fixture
+def study_path(swept_study, tmp_path) -> Path:
+    """A copy of a real study of the two-step run, for a test to tamper with."""
+    return shutil.copytree(swept_study, tmp_path / "study")
 
 
 def test_pickled_attributes_and_opaque_data_in_a_study_are_never_unpickled(study_path, tmp_path):
