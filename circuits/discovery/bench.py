@@ -15,10 +15,10 @@ attention+MLP) in a temporary folder, boots it through ``TransformerBridge`` and
 
 from __future__ import annotations
 
+import contextlib
 import json
-import platform
 import time
-from pathlib import Path
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -52,14 +52,16 @@ def _paired_ratio(fn, unit, repeats: int) -> tuple[float, float]:
     return float(np.median(ratios)), min(times)
 
 
-def _cpu_name() -> str:
+@contextlib.contextmanager
+def _torch_threads(threads: int | None) -> Iterator[None]:
+    """Torch limited to ``threads`` threads inside the block (None: left as is)."""
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def bench_discover(json_out: bool = False, n_pairs: int = 32, seq_len: int = 48, d_model: int = 64,
@@ -72,109 +74,100 @@ def bench_discover(json_out: bool = False, n_pairs: int = 32, seq_len: int = 48,
     runs, with torch limited to ``threads`` threads (None: leave as is): on shared machines
     wall-clock time mostly measures the neighbours.
     """
-    previous_threads = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        return _bench(json_out, n_pairs, seq_len, d_model, n_layers, n_heads, ig_steps, repeats, include_tl,
-                      include_patching, seed)
-    finally:
-        torch.set_num_threads(previous_threads)
-
-
-def _bench(json_out, n_pairs, seq_len, d_model, n_layers, n_heads, ig_steps, repeats, include_tl,
-           include_patching, seed) -> dict:
+    from circuits.bench import machine
     from circuits.discovery import Evaluator, FunctionalModel, score_edges
     from circuits.discovery.selection import top_n
     from circuits.graph import GraphSpec
     from circuits.loading import random_gptneox
     from circuits.tasks import Task, metric_per_example
 
-    vocab = 512
-    model = random_gptneox(seed=seed, vocab_size=vocab, hidden_size=d_model, num_hidden_layers=n_layers,
-                           num_attention_heads=n_heads, intermediate_size=4 * d_model, max_position_embeddings=128,
-                           rotary_pct=0.25, use_parallel_residual=True)
-    gen = torch.Generator().manual_seed(seed)
-    clean = torch.randint(0, vocab, (n_pairs, seq_len), generator=gen)
-    corrupted = clean.clone()
-    corrupted[:, : seq_len // 2] = torch.randint(0, vocab, (n_pairs, seq_len // 2), generator=gen)
-    task = Task("bench", clean, corrupted, torch.full((n_pairs, 1), -1), torch.full((n_pairs, 1), 3),
-                torch.full((n_pairs, 1), 5))
-    swapped = Task("bench", corrupted, clean, task.answer_pos, task.correct, task.wrong)
-    spec = GraphSpec.from_model(model)
-    threads = torch.get_num_threads()
+    with _torch_threads(threads):
 
-    def forward():
-        with torch.no_grad():
-            model(clean)
+        vocab = 512
+        model = random_gptneox(seed=seed, vocab_size=vocab, hidden_size=d_model, num_hidden_layers=n_layers,
+                               num_attention_heads=n_heads, intermediate_size=4 * d_model, max_position_embeddings=128,
+                               rotary_pct=0.25, use_parallel_residual=True)
+        gen = torch.Generator().manual_seed(seed)
+        clean = torch.randint(0, vocab, (n_pairs, seq_len), generator=gen)
+        corrupted = clean.clone()
+        corrupted[:, : seq_len // 2] = torch.randint(0, vocab, (n_pairs, seq_len // 2), generator=gen)
+        task = Task("bench", clean, corrupted, torch.full((n_pairs, 1), -1), torch.full((n_pairs, 1), 3),
+                    torch.full((n_pairs, 1), 5))
+        swapped = Task("bench", corrupted, clean, task.answer_pos, task.correct, task.wrong)
+        spec = GraphSpec.from_model(model)
+        threads = torch.get_num_threads()
 
-    def forward_backward():
+        def forward():
+            with torch.no_grad():
+                model(clean)
+
+        def forward_backward():
+            model.zero_grad(set_to_none=True)
+            metric_per_example(model(clean), task).sum().backward()
+
+        fm = FunctionalModel(model)
+        figures: dict = {
+            "machine": {"cpu": machine()["cpu"], "torch_threads": threads, "torch": torch.__version__,
+                        "clock": "process CPU time, least of repeats"},
+            "model": {"arch": "GPTNeoX", "d_model": d_model, "n_layers": n_layers, "n_heads": n_heads,
+                      "n_edges": spec.n_edges},
+            "batch": {"pairs": n_pairs, "tokens": seq_len},
+        }
+        t_fwd = _time(forward, repeats)
+        t_fb = _time(forward_backward, repeats)
         model.zero_grad(set_to_none=True)
-        metric_per_example(model(clean), task).sum().backward()
+        t_eap = _time(lambda: score_edges(fm, task, "eap"), repeats)
+        figures["seconds"] = {"forward": t_fwd, "forward_backward": t_fb, "eap": t_eap}
+        ratios = {"eap / fwd+bwd": t_eap / t_fb}
+        for m in ig_steps:
+            ratio, t = _paired_ratio(lambda m=m: score_edges(fm, task, "eap-ig", ig_steps=m), forward_backward, repeats)
+            figures["seconds"][f"eap-ig{m}"] = t
+            ratios[f"eap-ig{m} / fwd+bwd"] = ratio
+            ratios[f"eap-ig{m} goal (m+2)"] = m + 2
+        if include_patching:
+            t_patch = _time(lambda: score_edges(fm, task, "patching"), 1)
+            figures["seconds"]["patching"] = t_patch
+            ratios["patching / fwd+bwd"] = t_patch / t_fb
+        scores = score_edges(fm, task, "eap")
+        evaluator = Evaluator(fm, task, gap_z=0.0)
+        mask = top_n(spec, scores, max(1, spec.n_edges // 10))
+        t_faith = _time(lambda: evaluator.faithfulness(mask), repeats)
+        figures["seconds"]["faithfulness"] = t_faith
+        ratios["faithfulness / forward"] = t_faith / t_fwd
+        if include_tl:
+            from transformer_lens.tools.analysis.attribution_patching import (
+                EdgeAttributionConfig,
+                attribution_patch,
+            )
 
-    fm = FunctionalModel(model)
-    figures: dict = {
-        "machine": {"cpu": _cpu_name(), "torch_threads": threads, "torch": torch.__version__,
-                    "clock": "process CPU time, least of repeats"},
-        "model": {"arch": "GPTNeoX", "d_model": d_model, "n_layers": n_layers, "n_heads": n_heads,
-                  "n_edges": spec.n_edges},
-        "batch": {"pairs": n_pairs, "tokens": seq_len},
-    }
-    t_fwd = _time(forward, repeats)
-    t_fb = _time(forward_backward, repeats)
-    model.zero_grad(set_to_none=True)
-    t_eap = _time(lambda: score_edges(fm, task, "eap"), repeats)
-    figures["seconds"] = {"forward": t_fwd, "forward_backward": t_fb, "eap": t_eap}
-    ratios = {"eap / fwd+bwd": t_eap / t_fb}
-    for m in ig_steps:
-        ratio, t = _paired_ratio(lambda m=m: score_edges(fm, task, "eap-ig", ig_steps=m), forward_backward, repeats)
-        figures["seconds"][f"eap-ig{m}"] = t
-        ratios[f"eap-ig{m} / fwd+bwd"] = ratio
-        ratios[f"eap-ig{m} goal (m+2)"] = m + 2
-    if include_patching:
-        t_patch = _time(lambda: score_edges(fm, task, "patching"), 1)
-        figures["seconds"]["patching"] = t_patch
-        ratios["patching / fwd+bwd"] = t_patch / t_fb
-    scores = score_edges(fm, task, "eap")
-    evaluator = Evaluator(fm, task, gap_z=0.0)
-    mask = top_n(spec, scores, max(1, spec.n_edges // 10))
-    t_faith = _time(lambda: evaluator.faithfulness(mask), repeats)
-    figures["seconds"]["faithfulness"] = t_faith
-    ratios["faithfulness / forward"] = t_faith / t_fwd
-    if include_tl:
-        from transformer_lens.tools.analysis.attribution_patching import (
-            EdgeAttributionConfig,
-            attribution_patch,
-        )
+            def tl_metric(logits):
+                return logits[0, -1, 3] - logits[0, -1, 5]
 
-        def tl_metric(logits):
-            return logits[0, -1, 3] - logits[0, -1, 5]
-
-        start = CLOCK()
-        result = attribution_patch(model, clean, corrupted, tl_metric, EdgeAttributionConfig(granularity="edge"))
-        t_tl = CLOCK() - start
-        theirs = np.zeros(spec.shape)
-        for (u, v), score in result.edge_scores.items():
-            w = {"embed": "input", "attn_head_out": f"a{u.layer}.h{u.head}", "mlp_out": f"m{u.layer}"}[u.kind]
-            r = (f"a{v.layer}.h{v.head}<{v.kind[0]}>" if v.kind in ("q_input", "k_input", "v_input")
-                 else f"m{v.layer}" if v.kind == "mlp_in" else "logits")
-            theirs[spec.forward_index(w), spec.backward_index(r)] += score
-        ours = score_edges(fm, swapped, "eap")
-        figures["seconds"]["tl_attribution_patch_edge"] = t_tl
-        ratios["tl edge / eap (speed-up)"] = t_tl / t_eap
-        ratios["tl edge / forward"] = t_tl / t_fwd
-        figures["eap_vs_tl_max_rel_err"] = float(np.abs(ours - theirs).max() / np.abs(theirs).max())
-    figures["ratios"] = ratios
-    if json_out:
-        print(json.dumps(figures, indent=1))
-    else:
-        print(f"discover bench: {figures['model']}, {n_pairs} pairs x {seq_len} tokens, "
-              f"{figures['machine']['cpu']} ({threads} threads)")
-        for key, value in figures["seconds"].items():
-            print(f"  {key:<28} {value * 1e3:10.1f} ms (CPU)")
-        for key, value in ratios.items():
-            print(f"  {key:<28} {value:10.2f}")
-        if "eap_vs_tl_max_rel_err" in figures:
-            print(f"  eap vs TL max rel err       {figures['eap_vs_tl_max_rel_err']:.1e}")
-    return figures
+            start = CLOCK()
+            result = attribution_patch(model, clean, corrupted, tl_metric, EdgeAttributionConfig(granularity="edge"))
+            t_tl = CLOCK() - start
+            theirs = np.zeros(spec.shape)
+            for (u, v), score in result.edge_scores.items():
+                w = {"embed": "input", "attn_head_out": f"a{u.layer}.h{u.head}", "mlp_out": f"m{u.layer}"}[u.kind]
+                r = (f"a{v.layer}.h{v.head}<{v.kind[0]}>" if v.kind in ("q_input", "k_input", "v_input")
+                     else f"m{v.layer}" if v.kind == "mlp_in" else "logits")
+                theirs[spec.forward_index(w), spec.backward_index(r)] += score
+            ours = score_edges(fm, swapped, "eap")
+            figures["seconds"]["tl_attribution_patch_edge"] = t_tl
+            ratios["tl edge / eap (speed-up)"] = t_tl / t_eap
+            ratios["tl edge / forward"] = t_tl / t_fwd
+            figures["eap_vs_tl_max_rel_err"] = float(np.abs(ours - theirs).max() / np.abs(theirs).max())
+        figures["ratios"] = ratios
+        if json_out:
+            print(json.dumps(figures, indent=1))
+        else:
+            print(f"discover bench: {figures['model']}, {n_pairs} pairs x {seq_len} tokens, "
+                  f"{figures['machine']['cpu']} ({threads} threads)")
+            for key, value in figures["seconds"].items():
+                print(f"  {key:<28} {value * 1e3:10.1f} ms (CPU)")
+            for key, value in ratios.items():
+                print(f"  {key:<28} {value:10.2f}")
+            if "eap_vs_tl_max_rel_err" in figures:
+                print(f"  eap vs TL max rel err       {figures['eap_vs_tl_max_rel_err']:.1e}")
+        return figures
 
