@@ -82,7 +82,6 @@ def bench_discover(json_out: bool = False, n_pairs: int = 32, seq_len: int = 48,
     from circuits.tasks import Task, metric_per_example
 
     with _torch_threads(threads):
-
         vocab = 512
         model = random_gptneox(seed=seed, vocab_size=vocab, hidden_size=d_model, num_hidden_layers=n_layers,
                                num_attention_heads=n_heads, intermediate_size=4 * d_model, max_position_embeddings=128,
