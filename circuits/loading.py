@@ -73,7 +73,8 @@ def random_gptneox(device: str = "cpu", seed: int = 0, **config):
 
     torch.manual_seed(seed)
     with tempfile.TemporaryDirectory(prefix="circuits-gptneox-") as tmp:
-        GPTNeoXForCausalLM(GPTNeoXConfig(**config)).eval().save_pretrained(tmp)
+        with contextlib.redirect_stderr(io.StringIO()):  # transformers' "Writing model shards" bar
+            GPTNeoXForCausalLM(GPTNeoXConfig(**config)).eval().save_pretrained(tmp)
         return boot_transformers(tmp, None, device, where=tmp)
 
 
