@@ -29,6 +29,10 @@ from circuits import store
 from circuits.errors import CircuitsError, RetryableError, first_line
 
 EXECUTORS = ("local", "ray")
+# What Ray retries: failures that may pass on another attempt or machine (I/O, a lost
+# connection, a Hub download; CUDA out of memory is a RuntimeError). Any other CircuitsError
+# is a bad input that fails the same way every time. A dying worker is always retried.
+RETRIED = (OSError, RuntimeError, MemoryError, TimeoutError, RetryableError)
 # Tests only: "STEP:TIMES:FOLDER" makes run_step fail on STEP its first TIMES attempts (attempts
 # are counted by files in FOLDER, so they add up across processes and Ray retries).
 FAULT_ENV = "CIRCUITS_TEST_FAULT"
@@ -298,12 +302,6 @@ def make_executor(executor: str, workers: int | None = None, ray_address: str | 
     if executor == "ray":
         return RayExecutor(workers, ray_address, device)
     raise CircuitsError(f"--executor {executor!r}: expected one of {', '.join(EXECUTORS)}")
-
-
-# What Ray retries: failures that may pass on another attempt or machine (I/O, a lost
-# connection, a Hub download; CUDA out of memory is a RuntimeError). Any other CircuitsError
-# is a bad input that fails the same way every time. A dying worker is always retried.
-RETRIED = (OSError, RuntimeError, MemoryError, TimeoutError, RetryableError)
 
 
 def _retried(err: BaseException) -> bool:

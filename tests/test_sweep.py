@@ -139,6 +139,24 @@ def test_incomplete_shard_is_ignored_and_redone(induction_run, study_f16, tmp_pa
     assert not (out / "shards" / ".step00000060.h5.tmp-999999999").exists()
 
 
+def test_a_model_whose_attention_is_not_causal_is_refused(induction_run, tmp_path):
+    import json
+
+    import yaml
+
+    run = tmp_path / "bidirectional"
+    manifest = yaml.safe_load((induction_run / "manifest.yaml").read_text())
+    first = manifest["steps"][0]
+    shutil.copytree(induction_run / f"step{first}", run / f"step{first}")
+    config = json.loads((run / f"step{first}" / "config.json").read_text())
+    config["tl_config"]["attention_dir"] = "bidirectional"
+    (run / f"step{first}" / "config.json").write_text(json.dumps(config))
+    (run / "manifest.yaml").write_text(yaml.safe_dump(manifest | {"steps": [first]}))
+    with pytest.raises(CircuitsError, match="attention is bidirectional, the sweep caches causal language models only"):
+        sweep(run, "induction", tmp_path / "study", n_examples=4, progress=False)
+    assert not (tmp_path / "study" / "study.json").exists()
+
+
 def test_sweep_into_a_study_of_other_prompts_or_task_is_refused(induction_run, study_f16):
     with pytest.raises(CircuitsError, match=r"another prompts \(hash\)"):
         sweep(induction_run, "induction", study_f16, steps="50", n_examples=N_EXAMPLES + 1, progress=False)
