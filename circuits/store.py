@@ -371,8 +371,9 @@ def _format_error(path: Path, what: str, found: Any, expected: str) -> str:
     return f"{path}: not a circuits {what} (format {found!r}, expected {expected!r})"
 
 
-def check_shard(f: h5py.File, path: Path, step: int | None = None) -> None:
-    """Refuse a shard without its completion mark, of another format, or with damaged attributes.
+def check_shard(f: h5py.File, path: Path, step: int | None = None, prompt_hash: str | None = None) -> None:
+    """Refuse a shard without its completion mark, of another format, with damaged attributes,
+    or (given the study's ``prompt_hash``) of another study.
 
     Attributes are read as plain values (nothing is unpickled); ``step`` is the one its file name says.
     """
@@ -397,17 +398,23 @@ def check_shard(f: h5py.File, path: Path, step: int | None = None) -> None:
         if provenance.get(name) != _attr(f, name):
             raise CircuitsError(f"{path}: damaged shard, {name} {_attr(f, name)} disagrees with its provenance "
                                 f"({provenance.get(name)!r})")
+    theirs = provenance.get("task")
+    theirs = theirs.get("prompt_hash") if isinstance(theirs, dict) else None
+    if prompt_hash is not None and theirs is not None and theirs != prompt_hash:
+        raise CircuitsError(f"{path}: a shard of another study (prompt hash {theirs!r}, this study's "
+                            f"{prompt_hash!r}); move it away and re-run the sweep")
 
 
-def open_shard(path: Path) -> h5py.File:
-    """Open a landed shard read-only, refusing damaged or unmarked files with one clear line."""
+def open_shard(path: Path, prompt_hash: str | None = None) -> h5py.File:
+    """Open a landed shard read-only, refusing damaged or unmarked files (and, given the study's
+    ``prompt_hash``, a shard of another study) with one clear line."""
     try:
         f = h5py.File(path, "r")
     except (OSError, RuntimeError, ValueError) as err:
         raise CircuitsError(f"{path}: corrupted or truncated shard, cannot be opened ({_first_line(err)})") from None
     m = SHARD_RE.match(Path(path).name)
     try:
-        check_shard(f, path, int(m.group(1)) if m else None)
+        check_shard(f, path, int(m.group(1)) if m else None, prompt_hash)
     except CircuitsError:
         f.close()
         raise
@@ -661,7 +668,7 @@ class Study:
             try:
                 f = self._handle(step)
                 layout = _walk(f)
-                self._check_layout(step, f, layout)
+                self._check_layout(step, layout)
                 self._layouts[step] = layout
                 self.problems.pop(step, None)
             except CircuitsError as err:
@@ -670,14 +677,9 @@ class Study:
         self.steps = sorted(self._layouts)
         return self
 
-    def _check_layout(self, step: int, f: h5py.File, layout: dict[str, tuple[tuple[int, ...], np.dtype]]) -> None:
-        """Refuse a shard of another study, or whose datasets cannot be what this study stored."""
+    def _check_layout(self, step: int, layout: dict[str, tuple[tuple[int, ...], np.dtype]]) -> None:
+        """Refuse a shard whose datasets cannot be what this study stored."""
         path, task = self._paths[step], self._record["task"]
-        theirs = json.loads(_attr(f, "provenance")).get("task")
-        theirs = theirs.get("prompt_hash") if isinstance(theirs, dict) else None
-        if theirs is not None and theirs != task["prompt_hash"]:
-            raise CircuitsError(f"{path}: a shard of another study (prompt hash {theirs!r}, this study's "
-                                f"{task['prompt_hash']!r}); move it away and re-run the sweep")
         n, t = task["n_examples"], task["seq_len"]
         patterns = (n, self.n_layers, self.n_heads, triangle_size(t))
         for name, (shape, dtype) in layout.items():
@@ -715,7 +717,7 @@ class Study:
         if f is not None:
             self._open.move_to_end(step)
             return f
-        f = open_shard(self._paths[step])
+        f = open_shard(self._paths[step], self._record["task"]["prompt_hash"])
         self._open[step] = f
         while len(self._open) > self._max_open:
             _, old = self._open.popitem(last=False)
