@@ -199,6 +199,9 @@ def bench_extract(batch: int = 64, seq: int = 128, n_batches: int = 4, rounds: i
         root = Path(tmp)
         (root / store.SHARD_DIR).mkdir()
         shard_path = root / store.SHARD_DIR / store.shard_name(0)
+        # Timed shards land under a name not yet taken, as in the sweep: replacing a file already
+        # there would time the file system freeing it (~20 ms for 30 MB on ext4).
+        landing = shard_path.with_name("landing.h5")
         bare()  # warm-up: first calls allocate and pick kernels
         extract(shard_path, writer)
         for r in range(rounds):
@@ -211,12 +214,10 @@ def bench_extract(batch: int = 64, seq: int = 128, n_batches: int = 4, rounds: i
                 if kind == "bare":
                     bare()
                 else:
-                    extract(shard_path.with_name("landing.h5"), writer, serial=kind == "serial")
+                    extract(landing, writer, serial=kind == "serial")
                 times[kind].append(time.perf_counter() - t0)
                 cpu[kind].append(time.process_time() - c0)
-                # The sweep lands each shard under a new name; replacing one already there
-                # would time the file system freeing the old file (~20 ms for 30 MB on ext4).
-                shard_path.with_name("landing.h5").unlink(missing_ok=True)
+                landing.unlink(missing_ok=True)
         with h5py.File(shard_path, "r") as f:
             # Raw = what the cache holds in float32: each pattern as its whole [q, k] square,
             # although only the causal lower triangle is stored.

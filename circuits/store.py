@@ -53,9 +53,9 @@ OUTPUT_KEYS = ("logits_clean", "logits_corrupted", "metric_clean", "metric_corru
 # Measured in docs/performance.md (float16 patterns + residuals + head outputs, 64 x 128
 # tokens, 2-layer d128): byte shuffle then zstd-1 stores patterns (their triangles) at ~0.22
 # of raw float32 squares and activations at ~0.42 (float16 mantissas are nearly random),
-# ~0.29 overall, at a fraction of
-# gzip's CPU. Chunks are compressed by circuits.chunks (in parallel, off HDF5's pipeline) into
-# that standard pipeline's format: every reader needs only ``import hdf5plugin``.
+# ~0.29 overall, at a fraction of gzip's CPU. Chunks are compressed by circuits.chunks (in
+# parallel, off HDF5's pipeline) into that standard pipeline's format: every reader needs
+# only ``import hdf5plugin``.
 COMPRESSION_NAME = chunks.PIPELINE_NAME
 PATTERN_CHUNK_BYTES = 64 * 1024
 ACTIVATION_CHUNK_BYTES = 256 * 1024
@@ -133,6 +133,12 @@ def unpack_patterns(packed: np.ndarray) -> np.ndarray:
     square = np.zeros((*packed.shape[:-1], n * n), dtype=packed.dtype)
     square[..., lower_triangle(n)] = packed
     return square.reshape(*packed.shape[:-1], n, n)
+
+
+def _describe_patterns(dataset: h5py.Dataset) -> None:
+    """What an h5py-only reader needs to unpack a patterns dataset (shard or index)."""
+    dataset.attrs["layout"] = PATTERN_LAYOUT
+    dataset.attrs["positions"] = positions_of(dataset.shape[-1])
 
 
 def _utf8(value: Any) -> str:
@@ -268,9 +274,8 @@ class ShardWriter:
             rows = _divisor_at_most(self.batch_size, max(1, ACTIVATION_CHUNK_BYTES // per_example))
             chunk_shape = (min(rows, shape[0]), *array.shape[1:])
         dataset = f.create_dataset(name, shape=shape, dtype=array.dtype, chunks=chunk_shape, **chunks.PIPELINE)
-        if name == PATTERNS:  # what an h5py-only reader needs to unpack it
-            dataset.attrs["layout"] = PATTERN_LAYOUT
-            dataset.attrs["positions"] = positions_of(array.shape[-1])
+        if name == PATTERNS:
+            _describe_patterns(dataset)
         return dataset
 
     def write_batch(self, start: int, arrays: dict[str, np.ndarray]) -> None:
@@ -537,8 +542,7 @@ def _write_index_file(tmp: Path, steps: list[int], keys: dict, layouts: dict, st
                     layout[i] = h5py.VirtualSource(source, name, shape=shape, dtype=dtype)
             dataset = f.create_virtual_dataset(name, layout, fillvalue=_fill_value(np.dtype(dtype)))
             if name == PATTERNS:
-                dataset.attrs["layout"] = PATTERN_LAYOUT
-                dataset.attrs["positions"] = positions_of(shape[-1])
+                _describe_patterns(dataset)
         _fault("index", tmp)
         f.flush()
 
