@@ -138,12 +138,6 @@ def diff(
     return current & previous, current & ~previous, previous & ~current
 
 
-def jaccard(a: np.ndarray, b: np.ndarray) -> float:
-    """|a and b| / |a or b| of two edge masks; 1.0 when both are empty."""
-    union = int(np.logical_or(a, b).sum())
-    return 1.0 if union == 0 else int(np.logical_and(a, b).sum()) / union
-
-
 def jaccard_matrix(masks: Bool[np.ndarray, "n_steps n_forward n_backward"]) -> Float[np.ndarray, "n_steps n_steps"]:
     """Step x step Jaccard similarity of edge sets (vectorised over all pairs)."""
     flat = np.asarray(masks, dtype=bool).reshape(len(masks), -1).astype(np.float32)

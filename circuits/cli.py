@@ -100,17 +100,13 @@ def sweep(
     ray_address: Annotated[str | None, typer.Option(help="ray: join this cluster (auto, host:6379, ray://host:10001) instead of starting a local instance")] = None,
 ) -> None:
     """Cache patterns, activations, logits, loss, metric, head scores and (with --method) the circuit of every selected step."""
+    from circuits.config import SweepConfig
     from circuits.sweep import sweep as run_sweep
 
-    _check_device(device)
-    if ig_steps < 1:
-        raise CircuitsError(f"--ig-steps {ig_steps}: must be at least 1")
-    if not 0.0 < target <= 1.0:
-        raise CircuitsError(f"--target {target}: expected a faithfulness in (0, 1]")
-    study = run_sweep(manifest, task, out, steps=steps, hooks=hooks, dtype=dtype, batch_size=batch_size,
-                      device=device, n_examples=n_examples, method=method, progress=not no_progress,
-                      options={"ig_steps": ig_steps, "target": target}, executor=executor, workers=workers,
-                      ray_address=ray_address)
+    config = SweepConfig(steps=steps, hooks=hooks, dtype=dtype, batch_size=batch_size, device=device,
+                         n_examples=n_examples, method=method, ig_steps=ig_steps, target=target,
+                         progress=not no_progress, executor=executor, workers=workers, ray_address=ray_address)
+    study = run_sweep(manifest, task, out, config)
     typer.echo(f"study {out}: {len(study.steps)} steps, {study.n_examples} prompts of {study.seq_len} tokens")
 
 
@@ -188,13 +184,9 @@ def print_history(run_dir: Path) -> None:
 
 
 def _check_device(device: str) -> None:
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise CircuitsError(f"--device {device!r}: expected cpu, cuda or cuda:N")
-    if device.startswith("cuda"):
-        import torch
+    from circuits.config import check_device
 
-        if not torch.cuda.is_available():
-            raise CircuitsError(f"--device {device}: no CUDA device is available on this machine")
+    check_device(device)
 
 
 @app.command("app")

@@ -114,7 +114,7 @@ def _vocab_size(model) -> int:
     return int(size)
 
 
-def _bos(model) -> int:
+def _bos_id(model) -> int:
     tok = _tokenizer(model)
     if tok is not None and tok.bos_token_id is not None:
         return int(tok.bos_token_id)
@@ -124,7 +124,7 @@ def _bos(model) -> int:
 def probe_tokens(model, n_examples: int = 32, half_len: int = 16, seed: int = PROBE_SEED) -> Int[Tensor, "batch pos"]:
     """``[n, 1 + 2*half_len]``: BOS then a random half repeated once (ids from the vocabulary, no BOS)."""
     half_len = max(1, min(half_len, (model.cfg.n_ctx - 1) // 2))
-    vocab, bos = _vocab_size(model), _bos(model)
+    vocab, bos = _vocab_size(model), _bos_id(model)
     gen = torch.Generator().manual_seed(seed)
     half = torch.randint(0, vocab - 1, (n_examples, half_len), generator=gen)
     half = half + (half >= bos).long()  # skip the BOS id

@@ -1,7 +1,7 @@
 """Where a sweep's steps run: in this process (``LocalExecutor``) or as Ray tasks (``RayExecutor``).
 
 A step is the unit of work and of storage: ``run_step(spec, step)`` loads that checkpoint,
-visits it (``circuits.sweep.visit_step``) and lands ITS shard atomically. It is a plain
+visits it (``circuits.visit.visit_step``) and lands ITS shard atomically. It is a plain
 function, so the same code runs in the sweep's own process or as a Ray task on any node of a
 cluster (the study folder must then be on a file system every node sees). The driver (the
 process that called ``sweep``) only hands out steps and rebuilds ``index.h5`` as shards land;
@@ -26,9 +26,10 @@ from pathlib import Path
 from typing import Any
 
 from circuits import store
+from circuits.config import SweepConfig
 from circuits.errors import CircuitsError, RetryableError, first_line
+from circuits.visit import StepSummary, VisitPlan, shard_provenance, visit_step
 
-EXECUTORS = ("local", "ray")
 # What Ray retries: failures that may pass on another attempt or machine (I/O, a lost
 # connection, a Hub download; CUDA out of memory is a RuntimeError). Any other CircuitsError
 # is a bad input that fails the same way every time. A dying worker is always retried.
@@ -42,15 +43,8 @@ FAULT_ENV = "CIRCUITS_TEST_FAULT"
 class StepSpec:
     """What every step of one sweep shares: sent once to each worker (``ray.put``)."""
 
-    manifest: Any  # circuits.manifest.Manifest
-    task: Any  # circuits.tasks.Task
+    plan: VisitPlan
     out: Path
-    hooks: list[str]
-    dtype: str
-    batch_size: int
-    device: str
-    analyses: Sequence[tuple[str, Any]]
-    options: dict[str, Any]
     record: dict[str, Any]  # the study's record (study.json) without the task's arrays and prompts
     fault: str | None = None
 
@@ -60,7 +54,7 @@ class StepResult:
     """What a landed step reports back to the driver (small: no arrays)."""
 
     step: int
-    summary: dict[str, float]
+    summary: StepSummary | None = None
     layout: dict[str, tuple[tuple[int, ...], Any]] = field(default_factory=dict)
     tokens_seen: int = -1
     seconds: float = 0.0
@@ -78,11 +72,10 @@ def run_step(spec: StepSpec, step: int, *, model=None, writer: store.BackgroundW
     step's loading; ``landed`` then runs on the writer thread, after the rename.
     """
     from circuits.loading import load
-    from circuits.sweep import _shard_provenance, visit_step
 
     started, cpu_started = time.perf_counter(), time.process_time()
     _maybe_inject_fault(spec.fault, step)
-    result = StepResult(step=int(step), summary={}, host=socket.gethostname(), pid=os.getpid())
+    result = StepResult(step=int(step), host=socket.gethostname(), pid=os.getpid())
     final = spec.out / store.SHARD_DIR / store.shard_name(step)
 
     def land() -> None:
@@ -99,16 +92,13 @@ def run_step(spec: StepSpec, step: int, *, model=None, writer: store.BackgroundW
     if own:
         writer = store.BackgroundWriter(depth=2)
     try:
+        plan = spec.plan
         if model is None:
-            model = load(spec.manifest, step, spec.device)
-        shard = store.ShardWriter(final, spec.task.n_examples, spec.batch_size, writer)
+            model = load(plan.manifest, step, plan.device)
+        shard = store.ShardWriter(final, plan.task.n_examples, plan.batch_size, writer)
         try:
-            result.summary = visit_step(model, spec.task, spec.manifest, step, shard, hooks=spec.hooks,
-                                        dtype=spec.dtype, batch_size=spec.batch_size, device=spec.device,
-                                        analyses=spec.analyses, options=spec.options)
-            provenance = _shard_provenance(spec.record, spec.manifest, step, spec.options, spec.batch_size,
-                                           spec.device)
-            shard.finish(provenance, then=land)
+            result.summary = visit_step(model, plan, step, shard)
+            shard.finish(shard_provenance(spec.record, plan, step), then=land)
             if own:
                 writer.wait()
         except BaseException:
@@ -147,11 +137,7 @@ class LocalExecutor:
 
     name = "local"
 
-    def __init__(self, workers: int | None = None) -> None:
-        if workers not in (None, 1):
-            raise CircuitsError(f"--workers {workers}: the local executor runs one step at a time; "
-                                f"use --executor ray for {workers} workers (a local Ray instance starts by itself)")
-        self.workers = 1
+    workers = 1
 
     def run(self, spec: StepSpec, steps: Sequence[int], landed: Callable[[StepResult], None],
             started: Callable[[int], None] = lambda step: None, model=None) -> list[StepResult]:
@@ -195,8 +181,6 @@ class RayExecutor:
             import ray
         except ImportError:
             raise CircuitsError("--executor ray needs Ray: pip install 'circuits[ray]' (or pip install ray)") from None
-        if workers is not None and workers < 1:
-            raise CircuitsError(f"--workers {workers}: must be at least 1")
         self.ray = ray
         self.cuda = device.startswith("cuda")
         self.max_retries = max_retries
@@ -233,12 +217,12 @@ class RayExecutor:
         ray = self.ray
         del model  # every task loads its own checkpoint
         if self.cuda:
-            spec = replace(spec, device="cuda")  # Ray shows each task its GPU as cuda:0
+            spec = replace(spec, plan=replace(spec.plan, device="cuda"))  # Ray shows each task its GPU as cuda:0
         spec_ref = ray.put(spec)
         queue = list(steps)
         in_flight: dict[Any, int] = {}
         results: list[StepResult] = []
-        failed: dict[int, str] = {}
+        failed: dict[int, _Failure] = {}
 
         def submit() -> None:
             while queue and len(in_flight) < self.workers:
@@ -258,7 +242,7 @@ class RayExecutor:
                     try:
                         arrived.append(ray.get(ref))
                     except ray.exceptions.RayError as err:
-                        failed[step] = (_cause(err), _retried(err))
+                        failed[step] = _Failure(_cause(err), _retried(err))
                 submit()  # keep the workers busy while the driver rebuilds the index
                 for result in arrived:
                     landed(result)
@@ -271,9 +255,9 @@ class RayExecutor:
         if failed:
             first = min(failed)
             others = f" (also failed: steps {', '.join(map(str, sorted(failed)[1:]))})" if len(failed) > 1 else ""
-            cause, retried = failed[first]
-            attempts = f"after {self.max_retries + 1} attempts" if retried else "(a bad input: not retried)"
-            raise CircuitsError(f"step {first} failed on Ray {attempts}: {cause}"
+            failure = failed[first]
+            attempts = f"after {self.max_retries + 1} attempts" if failure.retried else "(a bad input: not retried)"
+            raise CircuitsError(f"step {first} failed on Ray {attempts}: {failure.cause}"
                                 f"{others}; the other shards landed, re-run the sweep to retry only these")
         return results
 
@@ -283,25 +267,22 @@ class RayExecutor:
         self.started_here = False
 
 
-def check_executor(executor: Any, workers: int | None, ray_address: str | None) -> None:
-    """Refuse a wrong executor name or worker count, without starting anything (no Ray)."""
-    if isinstance(executor, str) and executor not in EXECUTORS:
-        raise CircuitsError(f"--executor {executor!r}: expected one of {', '.join(EXECUTORS)}")
-    if workers is not None and workers < 1:
-        raise CircuitsError(f"--workers {workers}: must be at least 1")
-    if executor == "local":
-        make_executor("local", workers, ray_address)  # cheap: refuses --workers > 1 and --ray-address
+Executor = LocalExecutor | RayExecutor
 
 
-def make_executor(executor: str, workers: int | None = None, ray_address: str | None = None,
-                  device: str = "cpu") -> LocalExecutor | RayExecutor:
-    if executor == "local":
-        if ray_address is not None:
-            raise CircuitsError("--ray-address needs --executor ray")
-        return LocalExecutor(workers)
-    if executor == "ray":
-        return RayExecutor(workers, ray_address, device)
-    raise CircuitsError(f"--executor {executor!r}: expected one of {', '.join(EXECUTORS)}")
+def make_executor(config: SweepConfig) -> Executor:
+    """The executor a (checked) config names; Ray starts or is joined here."""
+    if config.executor == "ray":
+        return RayExecutor(config.workers, config.ray_address, config.device)
+    return LocalExecutor()
+
+
+@dataclass(frozen=True)
+class _Failure:
+    """Why a Ray step failed, and whether Ray retried it (not for a bad input)."""
+
+    cause: str
+    retried: bool
 
 
 def _retried(err: BaseException) -> bool:

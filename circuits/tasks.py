@@ -276,7 +276,7 @@ def _single_token(tokenizer, text: str) -> int | None:
     return ids[0] if len(ids) == 1 else None
 
 
-def _bos(model, tokenizer) -> list[int]:
+def _bos_prefix(model, tokenizer) -> list[int]:
     bos = getattr(tokenizer, "bos_token_id", None)
     return [bos] if getattr(model.cfg, "default_prepend_bos", False) and bos is not None else []
 
@@ -297,7 +297,7 @@ def ioi_task(model, n_examples: int = 32, seed: int = 0) -> Task:
     if len(names) < 5:
         raise CircuitsError(f"task ioi needs at least 5 names that are one token each; this tokenizer has {len(names)}")
     gen = torch.Generator().manual_seed(3_000 + seed)
-    bos = _bos(model, tokenizer)
+    bos = _bos_prefix(model, tokenizer)
     by_len: dict[int, list] = {}
     for i in range(n_examples * len(IOI_TEMPLATES) * 2):
         template = IOI_TEMPLATES[i % len(IOI_TEMPLATES)]
@@ -333,7 +333,7 @@ def greater_than_task(model, n_examples: int = 32, seed: int = 0, century: int =
     if not nouns or any(yy_tokens[yy] is None for yy in range(100)):
         raise CircuitsError("task greater-than needs every two-digit year 00..99 and a noun to be one token each in this tokenizer")
     gen = torch.Generator().manual_seed(4_000 + seed)
-    bos = _bos(model, tokenizer)
+    bos = _bos_prefix(model, tokenizer)
     rows = []
     for i in range(n_examples):
         noun = nouns[i % len(nouns)]

@@ -463,20 +463,8 @@ def _has(study, key: str) -> bool:
 
 
 def _keys(study, group: str) -> list[str]:
-    """Keys under ``group/`` that the study holds."""
-    lister = getattr(study, "keys", None)
-    if lister is not None:
-        try:
-            return sorted(k for k in lister(group) if k.startswith(group + "/"))
-        except TypeError:
-            return sorted(k for k in lister() if k.startswith(group + "/"))
-    from circuits.detectors import KINDS
-
-    candidates = {"heads": [f"heads/{k}" for k in KINDS],
-                  "progress": [f"progress/{k}" for k in (
-                      "icl_score", "early_loss", "late_loss", "train_loss", "test_loss", "train_acc", "test_acc",
-                      "key_share", "top_share", "restricted_loss", "excluded_loss")]}[group]
-    return [k for k in candidates if _has(study, k)]
+    """Keys under ``group/`` that the study holds (whatever analyses wrote them)."""
+    return sorted(k for k in study.keys(group) if k.startswith(group + "/"))
 
 
 def _graph_names(study) -> tuple[list[str], list[str]]:

@@ -275,7 +275,7 @@ def test_bad_input_is_refused_clearly(native_attn, native_mlp):
     for steps in (0, -1, 2.5):
         with pytest.raises(CircuitsError, match="ig_steps >= 1"):
             discover(native_attn, task, method="eap-ig", ig_steps=steps)
-    with pytest.raises(CircuitsError, match="unknown scoring method"):
+    with pytest.raises(CircuitsError, match="--method .*expected one of eap, eap-ig, patching"):
         score_edges(native_attn, task, "acdc")
     with pytest.raises(CircuitsError, match="needs n_edges"):
         discover(native_attn, task, selection="topn")

@@ -13,6 +13,7 @@ import pytest
 from study_helpers import assert_same_study
 
 from circuits import store
+from circuits.config import SweepConfig
 from circuits.errors import CircuitsError
 from circuits.executors import FAULT_ENV, LocalExecutor, RayExecutor, make_executor
 from circuits.sweep import sweep
@@ -110,10 +111,10 @@ def test_executor_options_are_checked(induction_run, tmp_path):
         sweep(induction_run, "induction", tmp_path / "s", steps="0", workers=2, **KW)
     assert not (tmp_path / "s").exists()  # refused before anything touched the disk
     with pytest.raises(CircuitsError, match="--ray-address needs --executor ray"):
-        make_executor("local", ray_address="auto")
+        SweepConfig(ray_address="auto")
     with pytest.raises(CircuitsError, match="--workers 0: must be at least 1"):
         sweep(induction_run, "induction", tmp_path / "s", steps="0", executor="ray", workers=0, **KW)
-    assert isinstance(make_executor("local"), LocalExecutor)
+    assert isinstance(make_executor(SweepConfig()), LocalExecutor)
 
 
 def test_ray_executor_requests_a_gpu_per_task_on_cuda(ray_instance):

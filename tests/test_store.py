@@ -38,7 +38,7 @@ def write_shard(study: Path, step: int, writer: store.BackgroundWriter, extra: d
 
 
 def make_study(root: Path, steps=(0, 10, 20)) -> Path:
-    from circuits.sweep import task_record
+    from circuits.visit import task_record
 
     task = induction_task(N, half_len=3, vocab=10)
     (root / store.SHARD_DIR).mkdir(parents=True)

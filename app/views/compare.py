@@ -8,6 +8,7 @@ import streamlit as st
 
 from app import charts, data, graph_view, ui
 from app.components.circuit_graph import circuit_graph
+from circuits.tracking import jaccard
 
 settings, study, stamp = ui.open_page("Compare")
 path = settings.study
@@ -30,7 +31,7 @@ with ui.guard(f"compare steps {a} and {b}"):
     stats[0].metric("Shared edges", int(kept.sum()))
     stats[1].metric(f"Added by step {b}", int(added.sum()))
     stats[2].metric(f"Removed by step {b}", int(removed.sum()))
-    stats[3].metric("Jaccard", f"{graph_view.jaccard(mask_a, mask_b):.3f}")
+    stats[3].metric("Jaccard", f"{jaccard(mask_a, mask_b):.3f}")
     forward, backward = list(stack.forward_names), list(stack.backward_names)
     left, right = st.columns(2)
     with left:

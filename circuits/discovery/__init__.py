@@ -16,10 +16,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from circuits.config import check_target
 from circuits.discovery import selection as sel
 from circuits.discovery.faithfulness import GAP_TOL, GAP_Z, Evaluator, faithfulness
 from circuits.discovery.functional import FunctionalModel
-from circuits.discovery.scoring import METHODS, check_task, score_edges
+from circuits.discovery.scoring import METHODS, check_scoring, check_task, score_edges
 from circuits.errors import CircuitsError
 from circuits.graph import GraphSpec, to_digraph
 from circuits.tasks import Task
@@ -143,8 +144,7 @@ def discover(
     when the clean-baseline gap is nil (see faithfulness.py).
     Pass ``scores`` to reuse edge scores already computed for this model and task.
     """
-    if method not in METHODS:
-        raise CircuitsError(f"unknown scoring method {method!r}; expected one of: {', '.join(METHODS)}")
+    check_scoring(method, ig_steps)
     if selection not in SELECTIONS:
         raise CircuitsError(f"unknown selection {selection!r}; expected one of: {', '.join(SELECTIONS)}")
     if grow not in ("topn", "greedy"):
@@ -153,8 +153,8 @@ def discover(
         raise CircuitsError(f"selection {selection!r} needs n_edges (how many edges to keep)")
     if selection == "threshold" and threshold is None:
         raise CircuitsError("selection 'threshold' needs threshold (the smallest |score| kept)")
-    if method == "eap-ig" and (not isinstance(ig_steps, int) or ig_steps < 1):
-        raise CircuitsError(f"eap-ig needs ig_steps >= 1 (an integer; Hanna et al. use 5, Tigges et al. 30), got {ig_steps!r}")
+    if selection == "faithful":
+        check_target(target)
     check_task(model, task)
     fm = model if isinstance(model, FunctionalModel) else FunctionalModel(model)
     spec = fm.spec
@@ -163,8 +163,6 @@ def discover(
     evaluator = Evaluator(fm, task, ablation, gap_tol, gap_z)
     reached, message, tried = None, "", []
     if selection == "faithful":
-        if not 0 < target:
-            raise CircuitsError(f"faithfulness target must be > 0 (e.g. 0.8), got {target}")
         mask, faith, reached, tried = smallest_faithful(evaluator, scores, target, grow, max_edges, absolute)
         if evaluator.gap_nil:
             message = (f"nil metric gap: clean {evaluator.metric_clean:.4g} vs baseline {evaluator.baseline:.4g} "

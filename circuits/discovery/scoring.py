@@ -27,11 +27,17 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from circuits.config import SCORING_METHODS as METHODS
+from circuits.config import check_ig_steps, check_method
 from circuits.discovery.functional import FunctionalModel
-from circuits.errors import CircuitsError
 from circuits.tasks import Task, at_answer_positions, metric_per_example
 
-METHODS = ("eap", "eap-ig", "patching")
+
+def check_scoring(method: str, ig_steps: int) -> None:
+    """A scoring method of this module, and for eap-ig a valid number of interpolation steps."""
+    check_method(method, METHODS)
+    if method == "eap-ig":
+        check_ig_steps(ig_steps)
 
 
 def check_task(model, task: Task) -> None:
@@ -74,8 +80,7 @@ def score_eap(fm: FunctionalModel, task: Task) -> np.ndarray:
 
 def score_eap_ig(fm: FunctionalModel, task: Task, steps: int = 5, ig_chunk: int | None = None) -> np.ndarray:
     """EAP-IG with ``steps`` interpolation points between corrupted (0) and clean (1) inputs."""
-    if not isinstance(steps, int) or steps < 1:
-        raise CircuitsError(f"eap-ig needs ig_steps >= 1 (an integer; Hanna et al. use 5, Tigges et al. 30), got {steps!r}")
+    check_ig_steps(steps)
     clean_run, corrupt_run = reference_runs(fm, task)
     clean_in, corrupt_in = clean_run.writers[0], corrupt_run.writers[0]
     tokens = task.clean.to(fm.device)
@@ -182,10 +187,7 @@ class Ablator:
 def score_edges(model_or_fm, task: Task, method: str = "eap-ig", ig_steps: int = 5) -> np.ndarray:
     """float32 [n_forward, n_backward] edge scores by ``method`` (eap, eap-ig, patching)."""
     fm = model_or_fm if isinstance(model_or_fm, FunctionalModel) else FunctionalModel(model_or_fm)
-    if method not in METHODS:
-        raise CircuitsError(f"unknown scoring method {method!r}; expected one of: {', '.join(METHODS)}")
-    if method == "eap-ig" and (not isinstance(ig_steps, int) or ig_steps < 1):
-        raise CircuitsError(f"eap-ig needs ig_steps >= 1 (an integer; Hanna et al. use 5, Tigges et al. 30), got {ig_steps!r}")
+    check_scoring(method, ig_steps)
     if method == "eap":
         return score_eap(fm, task)
     if method == "eap-ig":

@@ -1,0 +1,117 @@
+"""Every setting of a sweep in one dataclass, checked once, before anything is loaded or written.
+
+``SweepConfig`` is what ``circuits sweep`` (the CLI), ``circuits.sweep.sweep`` (the API) and the
+executors share. Its checks are cheap (no torch, no Ray): a wrong value is refused with one
+line naming the option before a checkpoint is loaded or the study folder is touched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+from circuits.errors import CircuitsError
+
+DEFAULT_HOOKS = "blocks.*.hook_resid_post,blocks.*.attn.hook_z"
+DTYPES = ("float16", "float32")
+# Edge scoring methods of circuits.discovery, and "none" (no circuit at each step).
+SCORING_METHODS = ("eap", "eap-ig", "patching")
+METHODS = ("none", *SCORING_METHODS)
+EXECUTORS = ("local", "ray")
+
+
+def check_ig_steps(ig_steps: Any) -> None:
+    if isinstance(ig_steps, bool) or not isinstance(ig_steps, int) or ig_steps < 1:
+        raise CircuitsError(f"--ig-steps {ig_steps!r}: eap-ig needs ig_steps >= 1, an integer "
+                            "(Hanna et al. use 5, Tigges et al. 30)")
+
+
+def check_target(target: Any) -> None:
+    if isinstance(target, bool) or not isinstance(target, int | float) or not 0.0 < target <= 1.0:
+        raise CircuitsError(f"--target {target!r}: expected a faithfulness in (0, 1], e.g. 0.8")
+
+
+def check_method(method: Any, choices: Sequence[str] = METHODS) -> None:
+    if method not in choices:
+        raise CircuitsError(f"--method {method!r}: expected one of {', '.join(choices)}")
+
+
+def check_device(device: Any) -> None:
+    """``cpu``, ``cuda`` or ``cuda:N``; CUDA only where a device is there (torch loads only then)."""
+    if not isinstance(device, str) or not (device in ("cpu", "cuda") or device.startswith("cuda:")):
+        raise CircuitsError(f"--device {device!r}: expected cpu, cuda or cuda:N")
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise CircuitsError(f"--device {device}: no CUDA device is available on this machine")
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """How a sweep runs. ``options`` are extra settings handed to analyses (``ctx.options``).
+
+    ``executor`` is ``local`` (this process, one step at a time) or ``ray`` (one Ray task per
+    step, ``workers`` at a time, on a local instance or the cluster at ``ray_address``).
+    """
+
+    steps: str | None = None
+    hooks: str | tuple[str, ...] | None = None
+    dtype: str = "float16"
+    batch_size: int = 32
+    device: str = "cpu"
+    n_examples: int | None = None
+    seed: int = 0
+    method: str = "none"
+    ig_steps: int = 5
+    target: float = 0.8
+    options: Mapping[str, Any] = field(default_factory=dict)
+    progress: bool = True
+    executor: str = "local"
+    workers: int | None = None
+    ray_address: str | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.hooks, list):  # a frozen dataclass stays hashable: lists become tuples
+            object.__setattr__(self, "hooks", tuple(self.hooks))
+        object.__setattr__(self, "options", dict(self.options or {}))
+        self.check()
+
+    def check(self) -> None:
+        """Refuse a wrong value with one line naming the option (cheap: no model, no Ray)."""
+        if self.dtype not in DTYPES:
+            raise CircuitsError(f"--dtype {self.dtype!r}: expected one of {', '.join(DTYPES)}")
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise CircuitsError(f"--batch-size {self.batch_size!r}: must be an integer of at least 1")
+        if self.n_examples is not None and (not isinstance(self.n_examples, int) or self.n_examples < 1):
+            raise CircuitsError(f"--n-examples {self.n_examples!r}: must be an integer of at least 1")
+        check_method(self.method)
+        check_ig_steps(self.ig_steps)
+        check_target(self.target)
+        check_device(self.device)
+        self._check_executor()
+
+    def _check_executor(self) -> None:
+        if self.executor not in EXECUTORS:
+            raise CircuitsError(f"--executor {self.executor!r}: expected one of {', '.join(EXECUTORS)}")
+        if self.workers is not None and (not isinstance(self.workers, int) or self.workers < 1):
+            raise CircuitsError(f"--workers {self.workers}: must be at least 1")
+        if self.executor == "local":
+            if self.workers not in (None, 1):
+                raise CircuitsError(f"--workers {self.workers}: the local executor runs one step at a time; use "
+                                    f"--executor ray for {self.workers} workers (a local Ray instance starts by itself)")
+            if self.ray_address is not None:
+                raise CircuitsError("--ray-address needs --executor ray")
+
+    def analysis_options(self) -> dict[str, Any]:
+        """What every analysis reads from ``ctx.options`` (and what the study records)."""
+        return {"method": self.method, "ig_steps": self.ig_steps, "target": self.target, **self.options}
+
+    def with_settings(self, **settings: Any) -> SweepConfig:
+        """This config with some settings replaced; an unknown name is refused by name."""
+        known = {f.name for f in fields(self)}
+        unknown = sorted(set(settings) - known)
+        if unknown:
+            raise CircuitsError(f"sweep: unknown setting {unknown[0]!r}; settings are {', '.join(sorted(known))}")
+        return replace(self, **settings) if settings else self
