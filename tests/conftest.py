@@ -4,10 +4,10 @@ Tiers (see tests/README.md): a test that uses a trained run (``TRAINED_RUNS``, d
 through any fixture built on one, ``BUILT_ON_A_RUN``) or is marked ``slow`` is a ``journey``; every other test is
 a unit test. Unit tests run first; ``pytest -m "not journey"`` (``make unit``) runs only them.
 
-``induction_run`` (the built-in induction run, ~15 s), ``tiny_modadd_run`` (modular addition
-with p=31, 300 steps) and ``grokking_run`` (the same to 1500 steps) are trained into a folder
-shared by all xdist workers of the session, under a file lock, so that ``pytest -n 2`` still
-trains each of them once.
+``induction_run`` (the built-in induction run, under a minute on a free CPU),
+``tiny_modadd_run`` (modular addition with p=31, 300 steps) and ``grokking_run`` (the same to
+1500 steps) are trained into a folder shared by all xdist workers of the session, under a
+file lock, so that ``pytest -n 2`` still trains each of them once.
 """
 
 from __future__ import annotations
