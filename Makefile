@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint bench browser clean
+.PHONY: install demo test unit lint bench browser clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ demo: install
 
 test: install browser
 	$(BIN)/python -m pytest -q -n 2 --dist loadgroup $(PYTEST_ARGS)
+
+# The fast tier only: every test that needs no trained run (see tests/README.md).
+unit: install
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup -m "not journey" $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check circuits app tests

@@ -1,9 +1,13 @@
-"""Shared fixtures: small real runs trained once per test session.
+"""Test tiers, and shared fixtures: small real runs trained once per test session.
 
-``induction_run`` (the built-in induction run, ~15 s), ``tiny_modadd_run`` (modular addition
-with p=31, 300 steps) and ``grokking_run`` (the same to 1500 steps) are trained into a folder
-shared by all xdist workers of the session, under a file lock, so that ``pytest -n 2`` still
-trains each of them once.
+Tiers (see tests/README.md): a test that uses a trained run (``TRAINED_RUNS``, directly or
+through any fixture built on one, ``BUILT_ON_A_RUN``) or is marked ``slow`` is a ``journey``; every other test is
+a unit test. Unit tests run first; ``pytest -m "not journey"`` (``make unit``) runs only them.
+
+``induction_run`` (the built-in induction run, under a minute on a free CPU),
+``tiny_modadd_run`` (modular addition with p=31, 300 steps) and ``grokking_run`` (the same to
+1500 steps) are trained into a folder shared by all xdist workers of the session, under a
+file lock, so that ``pytest -n 2`` still trains each of them once.
 """
 
 from __future__ import annotations
@@ -12,6 +16,29 @@ from pathlib import Path
 
 import pytest
 from filelock import FileLock
+
+TRAINED_RUNS = frozenset({"induction_run", "grokking_run", "tiny_modadd_run"})
+# Fixtures that reach a trained run through ``request.getfixturevalue``, which the fixture
+# closure below cannot see: list them here.
+BUILT_ON_A_RUN = frozenset({"app_study"})
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark journeys (tests on a trained run, or ``slow``) and order the unit tests first.
+
+    ``item.fixturenames`` is the closure of the fixtures a test needs, so a test reaching a
+    trained run through another fixture (``app_study``, ``final_ctx``, ...) counts too.
+    """
+    units, journeys = [], []
+    for item in items:
+        needs = set(getattr(item, "fixturenames", ()))
+        if needs & (TRAINED_RUNS | BUILT_ON_A_RUN) or item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.journey)
+            journeys.append(item)
+        else:
+            units.append(item)
+    items[:] = units + journeys  # stable: each tier keeps its files' order
+
 
 TINY_MODADD = {"p": 31, "train_frac": 0.7, "steps": 300, "checkpoint_every": 100, "freeze_biases": False}
 # Memorises by step ~100, test accuracy ~0.9 at 1000 and > 0.95 at 1500 (~1-2 min of training).

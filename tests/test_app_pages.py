@@ -133,11 +133,20 @@ def test_circuit_edge_selection_modes(app_study):
 
 
 def test_circuit_play_advances_and_stops(app_study):
-    at = run_page(app_study, "circuit", step=1000)
+    steps = [int(step) for step in STEPS.split(",")]
+    at = run_page(app_study, "circuit", step=steps[-1])
     at.button(key="circuit.play").click().run()  # at the end: play restarts from the first step
     assert_clean(at)
     assert at.session_state["circuit.playing"] is True
-    assert at.select_slider(key="circuit.step").value in (0, 400)
+    seen = [at.select_slider(key="circuit.step").value]
+    assert seen[0] in steps[:2]  # restarted (the playing fragment may already have taken one step)
+    for _ in range(len(steps)):  # each run of the script is one tick of the playing fragment
+        at.run()
+        assert_clean(at)
+        seen.append(at.select_slider(key="circuit.step").value)
+    assert at.session_state["circuit.playing"] is False  # stopped at the last step
+    assert seen[-1] == steps[-1]
+    assert [s for i, s in enumerate(seen) if i == 0 or s != seen[i - 1]] == steps[steps.index(seen[0]):]  # every step, in order
 
 
 def test_heads(app_study):

@@ -107,7 +107,9 @@ def test_induction_scores_rise_over_training(induction_run, final_ctx):
     assert end["copying"][layer, head] > 0.5
 
 
-def test_previous_token_head_feeds_layer1_induction_head(final_ctx):
+def test_layer0_has_a_previous_token_head_and_layer1_an_induction_head(final_ctx):
+    # That the one feeds the other (K-composition) is checked on the discovered circuit, in
+    # test_discovery_induction.py::test_final_circuit_has_previous_token_head_feeding_induction_head_key.
     end = head_scores(final_ctx.model)
     assert end["induction"][1].max() > 0.5
     assert end["previous_token"][0].max() > 0.5

@@ -1,11 +1,16 @@
 """Executors: a sweep on Ray gives the same study, bit for bit, as in this process; resume across
 executors; failed Ray tasks are retried, and reported when they keep failing.
 
-One local Ray instance (2 CPUs, no dashboard) serves the whole module; it starts in ~5-10 s.
+One local Ray instance (2 CPUs, no dashboard) serves the tests that need Ray; it starts in ~5-10 s.
+Ray is an optional extra: without it only those tests (the ones using ``ray_instance``) are
+skipped. The GPU path of ``RayExecutor`` is checked on a fake ``ray`` module (no GPU needed).
 """
 
 from __future__ import annotations
 
+import sys
+import types
+from dataclasses import dataclass
 from pathlib import Path
 
 import hdf5plugin  # noqa: F401 - registers the codecs the shards use
@@ -18,15 +23,16 @@ from circuits.errors import CircuitsError
 from circuits.executors import FAULT_ENV, LocalExecutor, RayExecutor, make_executor
 from circuits.sweep import sweep
 
-ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install 'circuits[ray]'")
-
 KW = {"n_examples": 4, "batch_size": 2, "method": "none", "progress": False}
 # Differ between runs by design: when and where a shard was written.
 @pytest.fixture(scope="module")
 def ray_instance():
-    """A local Ray instance shared by the module; sweeps find it and leave it running."""
+    """The ``ray`` module, with a local instance shared by the module; sweeps find it and leave it running.
+
+    Skips the tests that use it when Ray is not installed (the others run without Ray)."""
+    ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install 'circuits[ray]'")
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    yield
+    yield ray
     ray.shutdown()
 
 
@@ -54,7 +60,7 @@ def test_ray_sweep_equals_local_sweep_bit_for_bit(induction_run, steps, local_st
     study = sweep(induction_run, "induction", tmp_path / "ray", steps=spec(steps), executor="ray", workers=2, **KW)
     assert study.steps == steps
     assert_same_study(local_study, tmp_path / "ray")
-    assert ray.is_initialized()  # a Ray instance the sweep did not start is left running
+    assert ray_instance.is_initialized()  # a Ray instance the sweep did not start is left running
 
 
 def test_resume_across_executors_skips_finished_shards(induction_run, steps, local_study, ray_instance, tmp_path):
@@ -117,15 +123,70 @@ def test_executor_options_are_checked(induction_run, tmp_path):
     assert isinstance(make_executor(SweepConfig()), LocalExecutor)
 
 
-def test_ray_executor_requests_a_gpu_per_task_on_cuda(ray_instance):
-    cpu = RayExecutor(workers=1)
-    assert cpu.num_gpus == 0 and cpu.workers == 1
-    if ray.cluster_resources().get("GPU"):
-        gpu = RayExecutor(device="cuda")
-        assert gpu.num_gpus == 1 and gpu.workers == int(ray.cluster_resources()["GPU"])
-    else:
-        with pytest.raises(CircuitsError, match="the Ray cluster has no GPU for --device cuda"):
-            RayExecutor(device="cuda")
+def fake_ray(resources: dict[str, float]) -> types.SimpleNamespace:
+    """A stand-in for the ``ray`` module: an already-running cluster with ``resources``.
+
+    Records the options of the remote task, the spec put in the object store and how many
+    steps were in flight each time the executor waited; a task returns its step at once."""
+    seen = types.SimpleNamespace(options={}, put=[], in_flight=[], shutdown=False)
+
+    class Remote:
+        def options(self, **kwargs):
+            seen.options = kwargs
+            return self
+
+        def remote(self, spec_ref, step):
+            return ("ref", step)
+
+    def wait(refs, num_returns=1, timeout=None):
+        seen.in_flight.append(len(refs))
+        return ([], refs) if timeout == 0 else (refs[:num_returns], refs[num_returns:])
+
+    return types.SimpleNamespace(
+        seen=seen,
+        is_initialized=lambda: True,
+        cluster_resources=lambda: dict(resources),
+        remote=lambda fn: Remote(),
+        put=lambda obj: seen.put.append(obj) or "spec-ref",
+        wait=wait,
+        get=lambda ref: ref[1],
+        shutdown=lambda: setattr(seen, "shutdown", True),
+        exceptions=types.SimpleNamespace(RayError=RuntimeError),
+    )
+
+
+@dataclass(frozen=True)
+class _Spec:  # RayExecutor.run only needs a dataclass with a ``device``
+    device: str = "cpu"
+
+
+def test_ray_executor_requests_a_gpu_per_task_on_cuda(monkeypatch):
+    ray = fake_ray({"CPU": 4.0, "GPU": 2.0})
+    monkeypatch.setitem(sys.modules, "ray", ray)
+    gpu = RayExecutor(device="cuda")
+    assert gpu.num_gpus == 1.0 and gpu.workers == 2  # one task per GPU, not per CPU
+    assert ray.seen.options["num_gpus"] == 1.0 and ray.seen.options["num_cpus"] == 1
+    landed = []
+    assert gpu.run(_Spec(), [0, 1, 2, 3, 4], landed.append) == [0, 1, 2, 3, 4]
+    assert landed == [0, 1, 2, 3, 4]
+    assert ray.seen.put == [_Spec(device="cuda")]  # each task sees its GPU as cuda:0
+    assert max(ray.seen.in_flight) == 2  # never more steps in flight than GPUs
+    gpu.close()
+    assert not ray.seen.shutdown  # a cluster the executor did not start is left running
+
+    assert RayExecutor(device="cuda", num_gpus=0.5).workers == 4  # half a GPU per task: two per GPU
+    assert RayExecutor(device="cuda", workers=1).workers == 1
+    cpu = RayExecutor()
+    assert cpu.num_gpus == 0 and cpu.workers == 4 and ray.seen.options["num_gpus"] == 0
+    cpu.run(_Spec(), [7], lambda result: None)
+    assert ray.seen.put[-1] == _Spec(device="cpu")
+
+
+def test_ray_executor_on_cuda_refuses_a_cluster_without_gpus(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", fake_ray({"CPU": 4.0}))
+    with pytest.raises(CircuitsError, match=r"the Ray cluster has no GPU for --device cuda \(resources: \{'CPU': 4.0\}\)"):
+        RayExecutor(device="cuda")
+    assert RayExecutor(device="cpu").workers == 4
 
 
 def test_cli_sweep_on_ray(induction_run, steps, local_study, ray_instance, tmp_path):

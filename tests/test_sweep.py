@@ -234,9 +234,13 @@ def test_study_task_and_provenance_round_trip(induction_run, study_f16):
     task = study.task
     assert task.n_examples == N_EXAMPLES and task.prompt_hash() == study.provenance["task"]["prompt_hash"]
     np.testing.assert_array_equal(study.tokens(2), task.clean[2].numpy())
-    assert study.seq_len == 33 and study.n_layers == 2 and study.n_heads == 4
+    from circuits.recipes.induction import DEFAULTS
+
+    seq_len = 2 * DEFAULTS["half_len"] + 1  # BOS, then the half twice
+    assert study.seq_len == seq_len and study.n_layers == DEFAULTS["n_layers"] and study.n_heads == DEFAULTS["n_heads"]
     shard = study.shard_provenance(300)
-    assert shard["step"] == 300 and shard["tokens_seen"] == 300 * 2112 and shard["dtype"] == "float16"
+    tokens_per_step = DEFAULTS["batch_size"] * seq_len
+    assert shard["step"] == 300 and shard["tokens_seen"] == 300 * tokens_per_step and shard["dtype"] == "float16"
     assert set(shard["versions"]) >= {"circuits", "torch", "transformer_lens", "h5py"}
     assert shard["options"]["method"] == "none" and shard["hooks"] == study.hooks
     assert "induction-2l" in shard["manifest"] and shard["task"]["prompt_hash"] == task.prompt_hash()
