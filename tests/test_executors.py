@@ -156,8 +156,13 @@ def fake_ray(resources: dict[str, float]) -> types.SimpleNamespace:
 
 
 @dataclass(frozen=True)
-class _Spec:  # RayExecutor.run only needs a dataclass with a ``device``
+class _Plan:
     device: str = "cpu"
+
+
+@dataclass(frozen=True)
+class _Spec:  # RayExecutor.run only needs a dataclass whose ``plan`` has a ``device``
+    plan: _Plan = _Plan()
 
 
 def test_ray_executor_requests_a_gpu_per_task_on_cuda(monkeypatch):
@@ -169,7 +174,7 @@ def test_ray_executor_requests_a_gpu_per_task_on_cuda(monkeypatch):
     landed = []
     assert gpu.run(_Spec(), [0, 1, 2, 3, 4], landed.append) == [0, 1, 2, 3, 4]
     assert landed == [0, 1, 2, 3, 4]
-    assert ray.seen.put == [_Spec(device="cuda")]  # each task sees its GPU as cuda:0
+    assert ray.seen.put == [_Spec(_Plan(device="cuda"))]  # each task sees its GPU as cuda:0
     assert max(ray.seen.in_flight) == 2  # never more steps in flight than GPUs
     gpu.close()
     assert not ray.seen.shutdown  # a cluster the executor did not start is left running
@@ -179,7 +184,7 @@ def test_ray_executor_requests_a_gpu_per_task_on_cuda(monkeypatch):
     cpu = RayExecutor()
     assert cpu.num_gpus == 0 and cpu.workers == 4 and ray.seen.options["num_gpus"] == 0
     cpu.run(_Spec(), [7], lambda result: None)
-    assert ray.seen.put[-1] == _Spec(device="cpu")
+    assert ray.seen.put[-1] == _Spec(_Plan(device="cpu"))
 
 
 def test_ray_executor_on_cuda_refuses_a_cluster_without_gpus(monkeypatch):
