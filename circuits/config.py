@@ -27,9 +27,11 @@ def check_ig_steps(ig_steps: Any) -> None:
                             "(Hanna et al. use 5, Tigges et al. 30)")
 
 
-def check_target(target: Any) -> None:
-    if isinstance(target, bool) or not isinstance(target, int | float) or not 0.0 < target <= 1.0:
-        raise CircuitsError(f"--target {target!r}: expected a faithfulness in (0, 1], e.g. 0.8")
+def check_target(target: Any, upper: float = 1.0) -> None:
+    """A faithfulness target above 0; at most ``upper`` (a sweep's default: at most the full model)."""
+    if isinstance(target, bool) or not isinstance(target, int | float) or not 0.0 < target <= upper:
+        bounds = "above 0" if upper == float("inf") else f"in (0, {upper:g}]"
+        raise CircuitsError(f"--target {target!r}: expected a faithfulness {bounds}, e.g. 0.8")
 
 
 def check_method(method: Any, choices: Sequence[str] = METHODS) -> None:

@@ -154,7 +154,7 @@ def discover(
     if selection == "threshold" and threshold is None:
         raise CircuitsError("selection 'threshold' needs threshold (the smallest |score| kept)")
     if selection == "faithful":
-        check_target(target)
+        check_target(target, upper=float("inf"))  # a circuit may beat the full model: targets above 1 search on
     check_task(model, task)
     fm = model if isinstance(model, FunctionalModel) else FunctionalModel(model)
     spec = fm.spec
