@@ -101,3 +101,28 @@ def test_a_shard_whose_write_failed_never_lands_even_if_its_finish_was_queued(tm
         shard.abort()
     assert not final.exists()
     assert list((tmp_path / store.SHARD_DIR).iterdir()) == []
+
+
+def test_a_fault_acts_on_the_nth_hit_of_its_point_only(tmp_path, inject_fault):
+    from circuits.faults import fault
+
+    inject_fault("index@2:enospc,batch:enospc")
+    fault("index", tmp_path / "a")  # 1st index hit: not yet
+    with pytest.raises(OSError, match="No space left on device") as caught:
+        fault("index", tmp_path / "b")
+    assert caught.value.filename == str(tmp_path / "b")
+    fault("index", tmp_path / "c")  # the 3rd passes again
+    with pytest.raises(OSError):
+        fault("batch", tmp_path / "d")  # no @N: the 1st hit
+    inject_fault(None)
+    fault("batch", tmp_path / "e")  # unset: inert
+
+
+@pytest.mark.parametrize("spec, match", [("bacth@1:pause", "POINT one of batch"), ("batch@1:pasue", "ACTION one of pause"),
+                                         ("batch@x:pause", r"whole number \(POINT@N\)")])
+def test_a_misspelt_fault_is_refused_rather_than_never_firing(tmp_path, inject_fault, spec, match):
+    from circuits.faults import fault
+
+    inject_fault(spec)
+    with pytest.raises(ValueError, match=match):
+        fault("batch", tmp_path)
