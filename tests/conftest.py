@@ -78,3 +78,20 @@ def grokking_run(tmp_path_factory, worker_id) -> Path:
 def tiny_modadd_run(tmp_path_factory, worker_id) -> Path:
     """Folder of a small modular-addition run: p=31, 70% train, 300 steps, checkpoint every 100."""
     return _shared_run(tmp_path_factory, worker_id, "modadd-p31", "modular-addition", **TINY_MODADD)
+
+
+@pytest.fixture
+def inject_fault(monkeypatch):
+    """``inject_fault("batch@3:enospc")`` sets ``CIRCUITS_FAULT`` for this test (``None`` clears
+    it); hit counts restart at each call. Processes the test starts inherit it (circuits.faults)."""
+    from circuits import faults
+
+    def set_fault(spec: str | None) -> None:
+        faults.reset()
+        if spec is None:
+            monkeypatch.delenv(faults.ENV, raising=False)
+        else:
+            monkeypatch.setenv(faults.ENV, spec)
+
+    yield set_fault
+    faults.reset()

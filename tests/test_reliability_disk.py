@@ -1,8 +1,8 @@
 """A full disk mid-sweep: earlier shards stay intact, the cause is one line, a re-run completes.
 
-The failure is injected with ``CIRCUITS_FAULT=POINT@N:enospc`` (``circuits.store``): the writer
-raises ``OSError(ENOSPC)`` exactly where a real full disk would fail, half-way through a shard
-or through the index.
+The failure is injected with ``CIRCUITS_FAULT=POINT@N:enospc`` (``circuits.faults``, set by the
+``inject_fault`` fixture): the writer raises ``OSError(ENOSPC)`` exactly where a real full disk
+would fail, half-way through a shard or through the index.
 """
 
 from __future__ import annotations
@@ -29,26 +29,13 @@ def run_sweep(run, out, steps):
     return sweep(run, "induction", out, steps=",".join(map(str, steps)), **KW)
 
 
-@pytest.fixture
-def fault(monkeypatch):
-    def set_fault(spec: str | None) -> None:
-        store._fault_hits.clear()
-        if spec is None:
-            monkeypatch.delenv(store.FAULT_ENV, raising=False)
-        else:
-            monkeypatch.setenv(store.FAULT_ENV, spec)
-
-    yield set_fault
-    store._fault_hits.clear()
-
-
 def leftovers(out) -> list[str]:
     return sorted(p.name for p in (out / store.SHARD_DIR).iterdir() if not store.SHARD_RE.match(p.name))
 
 
-def test_disk_full_mid_shard_keeps_earlier_shards_and_a_rerun_completes(induction_run, tmp_path, fault, steps):
+def test_disk_full_mid_shard_keeps_earlier_shards_and_a_rerun_completes(induction_run, tmp_path, inject_fault, steps):
     out = tmp_path / "study"
-    fault("batch@3:enospc")  # the middle step's first batch (two batches per step)
+    inject_fault("batch@3:enospc")  # the middle step's first batch (two batches per step)
     with pytest.raises(CircuitsError) as caught:
         run_sweep(induction_run, out, steps)
     message = str(caught.value)
@@ -62,33 +49,33 @@ def test_disk_full_mid_shard_keeps_earlier_shards_and_a_rerun_completes(inductio
     metric_0 = study.metric()[0]
     assert np.isfinite(study.pattern(steps[0], 1, 3, 3)).all()
 
-    fault(None)
+    inject_fault(None)
     study = run_sweep(induction_run, out, steps)
     assert study.steps == steps and study.problems == {}
     assert study.metric()[0] == metric_0
     assert leftovers(out) == []
 
 
-def test_disk_full_while_finishing_a_shard(induction_run, tmp_path, fault, steps):
+def test_disk_full_while_finishing_a_shard(induction_run, tmp_path, inject_fault, steps):
     out = tmp_path / "study"
-    fault("finish@2:enospc")
+    inject_fault("finish@2:enospc")
     with pytest.raises(CircuitsError, match=rf"{store.shard_name(steps[1])}: cannot write this shard \(no space left on device\)"):
         run_sweep(induction_run, out, steps)
     assert circuits.open_study(out).steps == steps[:1]
     assert leftovers(out) == []
-    fault(None)
+    inject_fault(None)
     assert run_sweep(induction_run, out, steps).steps == steps
 
 
-def test_disk_full_while_rebuilding_the_index_keeps_the_shards(induction_run, tmp_path, fault, steps):
+def test_disk_full_while_rebuilding_the_index_keeps_the_shards(induction_run, tmp_path, inject_fault, steps):
     out = tmp_path / "study"
-    fault("index@2:enospc")  # the first index is written at the start; the 2nd after step 0 lands
+    inject_fault("index@2:enospc")  # the first index is written at the start; the 2nd after step 0 lands
     with pytest.raises(CircuitsError) as caught:
         run_sweep(induction_run, out, steps)
     assert str(caught.value).startswith(f"{out / store.INDEX_FILE}: cannot write the index (no space left on device)")
     assert not [p for p in out.iterdir() if ".tmp-" in p.name]
     assert circuits.open_study(out).steps == steps[:1]  # the shard landed before its index: kept
-    fault(None)
+    inject_fault(None)
     study = run_sweep(induction_run, out, steps)
     assert study.steps == steps
     import h5py
@@ -97,11 +84,11 @@ def test_disk_full_while_rebuilding_the_index_keeps_the_shards(induction_run, tm
         assert [int(s) for s in index["steps"][()]] == steps
 
 
-def test_a_shard_whose_write_failed_never_lands_even_if_its_finish_was_queued(tmp_path, fault):
+def test_a_shard_whose_write_failed_never_lands_even_if_its_finish_was_queued(tmp_path, inject_fault):
     """The writer hands an error to the caller once; the failed shard's finish, queued before the
     caller saw the error, must not then mark a shard that misses rows as complete."""
     (tmp_path / store.SHARD_DIR).mkdir()
-    fault("batch@1:enospc")
+    inject_fault("batch@1:enospc")
     final = tmp_path / store.SHARD_DIR / store.shard_name(7)
     with store.BackgroundWriter() as writer:
         shard = store.ShardWriter(final, 4, 2, writer)
@@ -114,3 +101,28 @@ def test_a_shard_whose_write_failed_never_lands_even_if_its_finish_was_queued(tm
         shard.abort()
     assert not final.exists()
     assert list((tmp_path / store.SHARD_DIR).iterdir()) == []
+
+
+def test_a_fault_acts_on_the_nth_hit_of_its_point_only(tmp_path, inject_fault):
+    from circuits.faults import fault
+
+    inject_fault("index@2:enospc,batch:enospc")
+    fault("index", tmp_path / "a")  # 1st index hit: not yet
+    with pytest.raises(OSError, match="No space left on device") as caught:
+        fault("index", tmp_path / "b")
+    assert caught.value.filename == str(tmp_path / "b")
+    fault("index", tmp_path / "c")  # the 3rd passes again
+    with pytest.raises(OSError):
+        fault("batch", tmp_path / "d")  # no @N: the 1st hit
+    inject_fault(None)
+    fault("batch", tmp_path / "e")  # unset: inert
+
+
+@pytest.mark.parametrize("spec, match", [("bacth@1:pause", "POINT one of batch"), ("batch@1:pasue", "ACTION one of pause"),
+                                         ("batch@x:pause", r"whole number \(POINT@N\)")])
+def test_a_misspelt_fault_is_refused_rather_than_never_firing(tmp_path, inject_fault, spec, match):
+    from circuits.faults import fault
+
+    inject_fault(spec)
+    with pytest.raises(ValueError, match=match):
+        fault("batch", tmp_path)

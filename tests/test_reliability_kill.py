@@ -6,7 +6,7 @@ index opens, and the final study equals, bit for bit, one swept without interrup
 
 Starting Python + torch + TransformerLens costs seconds on a loaded machine, so one helper
 process (the "zygote") imports everything once and forks a child per sweep; the test kills
-the child. Kills land at named points through ``CIRCUITS_FAULT`` (``circuits.store``: the
+the child. Kills land at named points through ``CIRCUITS_FAULT`` (``circuits.faults``: the
 writer pauses there and says so on stderr), at the model's forward pass (a forward pre-hook
 in the child), and after plain delays.
 """
@@ -30,12 +30,12 @@ import pytest
 from study_helpers import assert_same_study, spread
 
 import circuits
-from circuits import store
+from circuits import faults, store
 
 N_STEPS = 7
 N_EXAMPLES = 8
 BATCH = 4  # two batches per step: a kill can land between them
-MARK = "circuits-fault: "
+MARK = faults.MARK  # what a paused writer prints; the forward pre-hook below prints the same
 
 # Kill plan, in order: a named point of the writer, the forward pass, or a delay in seconds
 # after the child starts. Points are counted from each resumed run's start; the early ones
@@ -88,7 +88,7 @@ for line in sys.stdin:
         code = 1
         try:
             if job.get("fault"):
-                os.environ["CIRCUITS_FAULT"] = job["fault"]
+                os.environ["CIRCUITS_FAULT"] = job["fault"]  # circuits.faults.ENV
             if job.get("forward"):
                 pause_at_forward(job["forward"])
             from circuits.sweep import sweep
@@ -110,7 +110,7 @@ class Zygote:
 
     def __init__(self) -> None:
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-        env.pop(store.FAULT_ENV, None)
+        env.pop(faults.ENV, None)
         self.proc = subprocess.Popen([sys.executable, "-c", ZYGOTE], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True, env=env)
         self.lines: queue.Queue[str] = queue.Queue()

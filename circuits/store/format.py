@@ -1,0 +1,129 @@
+"""What a study looks like on disk: format versions, file names, and the stored pattern triangle.
+
+Everything a reader or writer must agree on lives here, so that the writer, the index and the
+``Study`` reader cannot drift apart. ``docs/storage.md`` documents the same for h5py users.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from circuits import chunks
+from circuits.errors import first_line
+
+# /2: attention patterns stored as their lower triangle (format /1 held the full square).
+SHARD_FORMAT = "circuits-shard/2"
+STUDY_FORMAT = "circuits-study/2"
+INDEX_FORMAT = "circuits-index/2"
+STUDY_FILE = "study.json"
+INDEX_FILE = "index.h5"
+SHARD_DIR = "shards"
+SHARD_RE = re.compile(r"^step(\d{8})\.h5$")
+TMP_RE = re.compile(r"^\.(step\d{8}\.h5|index\.h5)\.tmp-(\d+)$")
+# Groups the sweep itself writes; analyses may not use these names.
+RESERVED = ("patterns", "activations", "outputs", "task")
+PATTERNS = "patterns"  # [example, layer, head, q*(q+1)/2 + k]: the causal lower triangle, row by row
+PATTERN_LAYOUT = "lower triangle of [query, key] row by row: [q, k] (k <= q) at q*(q+1)/2 + k; [q, k > q] is 0"
+OUTPUT_KEYS = ("logits_clean", "logits_corrupted", "metric_clean", "metric_corrupted", "loss_clean", "loss_corrupted")
+
+# Measured in docs/performance.md (float16 patterns + residuals + head outputs, 64 x 128
+# tokens, 2-layer d128): byte shuffle then zstd-1 stores patterns (their triangles) at ~0.22
+# of raw float32 squares and activations at ~0.42 (float16 mantissas are nearly random),
+# ~0.29 overall, at a fraction of gzip's CPU. Chunks are compressed by circuits.chunks (in
+# parallel, off HDF5's pipeline) into that standard pipeline's format: every reader needs
+# only ``import hdf5plugin``.
+COMPRESSION_NAME = chunks.PIPELINE_NAME
+PATTERN_CHUNK_BYTES = 64 * 1024
+ACTIVATION_CHUNK_BYTES = 256 * 1024
+
+
+def shard_name(step: int) -> str:
+    """File name of ``step``'s shard inside ``SHARD_DIR`` (zero-padded so names sort by step)."""
+    return f"step{step:08d}.h5"
+
+
+# ---------------------------------------------------------------- patterns: the causal lower triangle
+# A causal pattern is 0 above its diagonal. Storing only the triangle halves what is
+# compressed, and zstd runs ~4x faster on it than on rows cut by runs of zeros (measured in
+# docs/performance.md), for slightly fewer bytes.
+
+
+def triangle_size(n_positions: int) -> int:
+    """Stored length of one pattern over ``n_positions`` tokens."""
+    return n_positions * (n_positions + 1) // 2
+
+
+def positions_of(triangle: int) -> int:
+    """The n with ``triangle_size(n) == triangle`` (ValueError if there is none)."""
+    n = int((np.sqrt(8 * triangle + 1) - 1) / 2)
+    if triangle_size(n) != triangle:
+        raise ValueError(f"{triangle} is not the size of a lower triangle")
+    return n
+
+
+@functools.lru_cache(maxsize=8)
+def lower_triangle(n_positions: int) -> np.ndarray:
+    """Flat indices ``q * n + k`` (k <= q) of a [query, key] square, in stored order."""
+    q, k = np.tril_indices(n_positions)
+    index = q * n_positions + k
+    index.flags.writeable = False  # cached and shared: no caller may change it
+    return index
+
+
+def pack_patterns(square: np.ndarray) -> np.ndarray:
+    """[..., q, k] -> [..., q*(q+1)/2] as stored (the sweep does the same with torch)."""
+    n = square.shape[-1]
+    return square.reshape(*square.shape[:-2], n * n)[..., lower_triangle(n)]
+
+
+def unpack_patterns(packed: np.ndarray) -> np.ndarray:
+    """[..., q*(q+1)/2] as stored -> [..., q, k], zeros above the diagonal."""
+    n = positions_of(packed.shape[-1])
+    square = np.zeros((*packed.shape[:-1], n * n), dtype=packed.dtype)
+    square[..., lower_triangle(n)] = packed
+    return square.reshape(*packed.shape[:-1], n, n)
+
+
+def describe_patterns(dataset: h5py.Dataset) -> None:
+    """What an h5py-only reader needs to unpack a patterns dataset (shard or index)."""
+    dataset.attrs["layout"] = PATTERN_LAYOUT
+    dataset.attrs["positions"] = positions_of(dataset.shape[-1])
+
+
+# ---------------------------------------------------------------- shared by writer, index and reader
+
+
+def json_text(value: Any) -> str:
+    """``value`` as the JSON text stored in a ``provenance`` attribute (sorted keys: stable bytes)."""
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def fill_value(dtype: np.dtype) -> Any:
+    """What a step lacking a dataset reads as, in the index and in ``Study.array``."""
+    if dtype.kind == "f":
+        return np.nan
+    if dtype.kind == "b":
+        return False
+    if dtype.kind == "i":
+        return -1
+    return 0
+
+
+def cause(err: BaseException) -> str:
+    """An exception's first line, short enough to end a one-line error."""
+    return first_line(err, 160)
+
+
+def format_error(path: Path, what: str, found: Any, expected: str) -> str:
+    """The line refusing a file of another format: says when it is only another circuits version."""
+    if isinstance(found, str) and found.split("/")[0] == expected.split("/")[0]:
+        return (f"{path}: a {what} of another circuits version (format {found!r}, this version reads {expected!r}); "
+                "sweep again into a new folder")
+    return f"{path}: not a circuits {what} (format {found!r}, expected {expected!r})"
