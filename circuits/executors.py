@@ -28,15 +28,13 @@ from typing import Any
 from circuits import store
 from circuits.config import SweepConfig
 from circuits.errors import CircuitsError, RetryableError, first_line
+from circuits.faults import fault
 from circuits.visit import StepSummary, VisitPlan, shard_provenance, visit_step
 
 # What Ray retries: failures that may pass on another attempt or machine (I/O, a lost
 # connection, a Hub download; CUDA out of memory is a RuntimeError). Any other CircuitsError
 # is a bad input that fails the same way every time. A dying worker is always retried.
 RETRIED = (OSError, RuntimeError, MemoryError, TimeoutError, RetryableError)
-# Tests only: "STEP:TIMES:FOLDER" makes run_step fail on STEP its first TIMES attempts (attempts
-# are counted by files in FOLDER, so they add up across processes and Ray retries).
-FAULT_ENV = "CIRCUITS_TEST_FAULT"
 
 
 @dataclass(frozen=True)
@@ -46,7 +44,7 @@ class StepSpec:
     plan: VisitPlan
     out: Path
     record: dict[str, Any]  # the study's record (study.json) without the task's arrays and prompts
-    fault: str | None = None
+    fault: str | None = None  # the driver's CIRCUITS_FAULT (tests only): workers may predate it
 
 
 @dataclass
@@ -74,7 +72,7 @@ def run_step(spec: StepSpec, step: int, *, model=None, writer: store.BackgroundW
     from circuits.loading import load
 
     started, cpu_started = time.perf_counter(), time.process_time()
-    _maybe_inject_fault(spec.fault, step)
+    fault("step", spec.out, step=step, spec=spec.fault)
     result = StepResult(step=int(step), host=socket.gethostname(), pid=os.getpid())
     final = spec.out / store.SHARD_DIR / store.shard_name(step)
 
@@ -89,7 +87,7 @@ def run_step(spec: StepSpec, step: int, *, model=None, writer: store.BackgroundW
             landed(result)
 
     own = writer is None
-    if own:
+    if writer is None:
         writer = store.BackgroundWriter(depth=2)
     try:
         plan = spec.plan
@@ -108,25 +106,6 @@ def run_step(spec: StepSpec, step: int, *, model=None, writer: store.BackgroundW
         if own:
             writer.close()
     return result
-
-
-def _maybe_inject_fault(fault: str | None, step: int) -> None:
-    """Tests only (``FAULT_ENV`` = ``STEP:TIMES:[input:]FOLDER``): fail the first TIMES attempts
-    at STEP with a RuntimeError, or with a CircuitsError (a bad input) after ``input:``."""
-    if not fault:
-        return
-    at, times, folder = fault.split(":", 2)
-    if int(at) != int(step):
-        return
-    bad_input = folder.startswith("input:")
-    folder = folder.removeprefix("input:")
-    counter = Path(folder)
-    counter.mkdir(parents=True, exist_ok=True)
-    attempt = len(list(counter.glob(f"step{step}-attempt*"))) + 1
-    (counter / f"step{step}-attempt{attempt}").touch()
-    if attempt <= int(times):
-        raise (CircuitsError if bad_input else RuntimeError)(
-            f"injected failure at step {step} (attempt {attempt} of {times} to fail)")
 
 
 # ---------------------------------------------------------------- executors

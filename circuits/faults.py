@@ -6,28 +6,30 @@ inherit it, so a test can aim at a sweep it starts (``tests/test_reliability_kil
 in-process tests set it with the ``inject_fault`` fixture (``tests/conftest.py``), which also
 restarts the counts. Documented for users in ``docs/reliability.md``.
 
-Points, each one ``fault(point, path)`` call in ``circuits.store``:
+Points, each one ``fault(point, path)`` call:
 - ``batch``: a batch half written into a temporary shard (``store.writer``);
 - ``finish``: shard flushed, its completion mark not yet set (``store.writer``);
 - ``landed``: shard renamed into place, the index not yet rebuilt (``store.writer``);
-- ``index``: temporary index half written (``store.index``).
+- ``index``: temporary index half written (``store.index``);
+- ``step``: a step about to be loaded and visited (``executors.run_step``). Here N names the
+  step, not a hit count, because Ray may retry a step in another process.
 
 Actions:
 - ``pause``: print ``circuits-fault: POINT@N`` to stderr and sleep (the test kills the process there);
-- ``enospc``: raise ``OSError(ENOSPC)`` naming the file at hand (a full disk).
+- ``enospc``: raise ``OSError(ENOSPC)`` naming the file at hand (a full disk);
+- ``fail:TIMES:FOLDER`` / ``fail-input:TIMES:FOLDER`` (``step`` only): fail the first TIMES
+  attempts at the step with a RuntimeError (retried by Ray) or a CircuitsError (a bad input,
+  not retried); attempts are counted as files in FOLDER, so they add up across processes.
+
+Ray workers may have started before a test set the variable, so the sweep reads it once
+(``current()``) and hands the value to each step with the work (``fault(..., spec=...)``).
 
 A misspelt point or action raises ValueError rather than never firing: a fault that silently
 does nothing would let its test pass without testing anything.
 
 Extending. A point is a name in ``POINTS`` plus a ``fault(...)`` call where it should act; an
 action is one function in ``_ACTIONS``. A rule keeps whatever follows a second colon as its
-``argument`` (``POINT[@N]:ACTION:ARG``; ARG may hold colons, as paths do) for its action. The
-writer's points count hits in this process (``_hits``). A point whose hits must add up across
-processes, as the executors' step faults do today through ``CIRCUITS_TEST_FAULT`` (Ray reruns
-a failed step in another process), fits the same shape: a ``step`` point called in
-``executors.run_step``, actions ``fail`` / ``fail-input`` raising RuntimeError / CircuitsError,
-and a folder as ARG (``step@N:fail:FOLDER``) in which ``_count`` counts hits as files, one per
-hit, instead of in ``_hits``.
+``argument`` (``POINT[@N]:ACTION:ARG``; ARG may hold colons, as paths do) for its action.
 """
 
 from __future__ import annotations
@@ -41,8 +43,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from circuits.errors import CircuitsError
+
 ENV = "CIRCUITS_FAULT"
-POINTS = ("batch", "finish", "landed", "index")
+POINTS = ("batch", "finish", "landed", "index", "step")
 PAUSE_SECONDS = 600  # long enough for any test to kill the paused process
 MARK = "circuits-fault: "  # what a paused process prints to stderr, then POINT@N
 
@@ -68,7 +72,23 @@ def _enospc(rule: Rule, hit: int, path: str | Path) -> None:
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
 
-_ACTIONS: dict[str, Callable[[Rule, int, str | Path], None]] = {"pause": _pause, "enospc": _enospc}
+def _fail(rule: Rule, step: int, path: str | Path, error: type[Exception] = RuntimeError) -> None:
+    times, _, folder = rule.argument.partition(":")
+    counter = Path(folder)
+    counter.mkdir(parents=True, exist_ok=True)
+    attempt = len(list(counter.glob(f"step{step}-attempt*"))) + 1
+    (counter / f"step{step}-attempt{attempt}").touch()
+    if attempt <= int(times):
+        raise error(f"injected failure at step {step} (attempt {attempt} of {times} to fail)")
+
+
+def _fail_input(rule: Rule, step: int, path: str | Path) -> None:
+    _fail(rule, step, path, CircuitsError)
+
+
+_ACTIONS: dict[str, Callable[[Rule, int, str | Path], None]] = {
+    "pause": _pause, "enospc": _enospc, "fail": _fail, "fail-input": _fail_input,
+}
 
 
 @functools.lru_cache(maxsize=8)
@@ -96,13 +116,22 @@ def _count(point: str) -> int:
     return hit
 
 
-def fault(point: str, path: str | Path) -> None:
-    """Act on ``point`` if ``CIRCUITS_FAULT`` says so; ``path`` is the file being written there."""
-    spec = os.environ.get(ENV)
+def current() -> str | None:
+    """The value of ``CIRCUITS_FAULT`` in this process (None when unset or empty)."""
+    return os.environ.get(ENV) or None
+
+
+def fault(point: str, path: str | Path, *, step: int | None = None, spec: str | None = None) -> None:
+    """Act on ``point`` if ``CIRCUITS_FAULT`` (or ``spec``, the driver's value) says so.
+
+    ``path`` is the file being written there; ``step`` (point ``step``) is matched instead of
+    a hit count.
+    """
+    spec = spec or current()
     if not spec:
         return
     rules = parse(spec)
-    hit = _count(point)
+    hit = _count(point) if step is None else int(step)
     for rule in rules:
         if rule.point == point and rule.nth == hit:
             _ACTIONS[rule.action](rule, hit, path)

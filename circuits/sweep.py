@@ -11,7 +11,6 @@ queued for writing).
 
 from __future__ import annotations
 
-import os
 import time
 import warnings
 from collections.abc import Sequence
@@ -20,11 +19,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from circuits import store
+from circuits import faults, store
 from circuits.config import DEFAULT_HOOKS, SweepConfig
 from circuits.errors import CircuitsError
 from circuits.executors import (
-    FAULT_ENV,
     Executor,
     LocalExecutor,
     StepResult,
@@ -214,7 +212,7 @@ def _prepare(manifest: Manifest, task: str | Task, out: Path, config: SweepConfi
     plan = VisitPlan(manifest=manifest, task=task, hooks=hook_names, dtype=config.dtype,
                      batch_size=config.batch_size, device=config.device, analyses=analyses,
                      options=config.analysis_options())
-    spec = StepSpec(plan=plan, out=out, record=step_record(record), fault=os.environ.get(FAULT_ENV))
+    spec = StepSpec(plan=plan, out=out, record=step_record(record), fault=faults.current())
     return _Prepared(spec, index_provenance, model if reuse_model else None)
 
 

@@ -20,7 +20,7 @@ from study_helpers import assert_same_study
 from circuits import store
 from circuits.config import SweepConfig
 from circuits.errors import CircuitsError
-from circuits.executors import FAULT_ENV, LocalExecutor, RayExecutor, make_executor
+from circuits.executors import LocalExecutor, RayExecutor, make_executor
 from circuits.sweep import sweep
 
 KW = {"n_examples": 4, "batch_size": 2, "method": "none", "progress": False}
@@ -76,9 +76,9 @@ def test_resume_across_executors_skips_finished_shards(induction_run, steps, loc
     assert_same_study(local_study, out)
 
 
-def test_a_task_failing_once_is_retried(induction_run, steps, local_study, ray_instance, tmp_path, monkeypatch):
+def test_a_task_failing_once_is_retried(induction_run, steps, local_study, ray_instance, tmp_path, inject_fault):
     attempts = tmp_path / "attempts"
-    monkeypatch.setenv(FAULT_ENV, f"{steps[2]}:1:{attempts}")
+    inject_fault(f"step@{steps[2]}:fail:1:{attempts}")
     out = tmp_path / "retried"
     sweep(induction_run, "induction", out, steps=spec(steps), executor="ray", workers=2, **KW)
     assert len(list(attempts.glob(f"step{steps[2]}-attempt*"))) == 2
@@ -86,8 +86,8 @@ def test_a_task_failing_once_is_retried(induction_run, steps, local_study, ray_i
 
 
 def test_a_task_that_keeps_failing_is_reported_and_the_others_land(induction_run, steps, ray_instance, tmp_path,
-                                                                    monkeypatch):
-    monkeypatch.setenv(FAULT_ENV, f"{steps[1]}:99:{tmp_path / 'attempts'}")
+                                                                    inject_fault):
+    inject_fault(f"step@{steps[1]}:fail:99:{tmp_path / 'attempts'}")
     out = tmp_path / "failing"
     with pytest.raises(CircuitsError, match=rf"^step {steps[1]} failed on Ray after 3 attempts: RuntimeError: injected"):
         sweep(induction_run, "induction", out, steps=spec(steps), executor="ray", workers=2, **KW)
@@ -95,13 +95,13 @@ def test_a_task_that_keeps_failing_is_reported_and_the_others_land(induction_run
     assert sorted(store.scan_shards(out)) == others
     assert not list((out / store.SHARD_DIR).glob(".*tmp*"))  # no temporary file left behind
     assert store.open_study(out).steps == others
-    monkeypatch.delenv(FAULT_ENV)
+    inject_fault(None)
     sweep(induction_run, "induction", out, steps=spec(steps), executor="ray", workers=2, **KW)
     assert sorted(store.scan_shards(out)) == steps
 
 
-def test_local_failure_leaves_the_landed_shards(induction_run, steps, tmp_path, monkeypatch):
-    monkeypatch.setenv(FAULT_ENV, f"{steps[2]}:1:{tmp_path / 'attempts'}")
+def test_local_failure_leaves_the_landed_shards(induction_run, steps, tmp_path, inject_fault):
+    inject_fault(f"step@{steps[2]}:fail:1:{tmp_path / 'attempts'}")
     out = tmp_path / "local-fail"
     with pytest.raises(RuntimeError, match=f"injected failure at step {steps[2]}"):
         sweep(induction_run, "induction", out, steps=spec(steps), **KW)
@@ -240,9 +240,9 @@ def test_bench_scaling_runs_small(induction_run, ray_instance):
     assert figures["ray start-up (ray.init)"]["value"] == pytest.approx(0, abs=1)  # the module's instance was reused
 
 
-def test_a_bad_input_on_ray_is_reported_without_retries(induction_run, steps, ray_instance, tmp_path, monkeypatch):
+def test_a_bad_input_on_ray_is_reported_without_retries(induction_run, steps, ray_instance, tmp_path, inject_fault):
     attempts = tmp_path / "attempts"
-    monkeypatch.setenv(FAULT_ENV, f"{steps[1]}:99:input:{attempts}")
+    inject_fault(f"step@{steps[1]}:fail-input:99:{attempts}")
     with pytest.raises(CircuitsError, match=rf"^step {steps[1]} failed on Ray \(a bad input: not retried\): injected"):
         sweep(induction_run, "induction", tmp_path / "bad", steps=spec(steps), executor="ray", workers=2, **KW)
     assert len(list(attempts.glob(f"step{steps[1]}-attempt*"))) == 1

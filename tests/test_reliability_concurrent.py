@@ -157,5 +157,9 @@ def test_api_and_app_read_a_study_while_it_is_written(induction_run, tmp_path):
             assert value == want_over(kind, key), f"app: torn {kind} read over steps {key}"
     app_views = {tuple(key) for kind, key, _ in seen if kind == "metric"}
     assert tuple(steps) in app_views
+    # Each reader saw the study part-way, and only ever a prefix of the steps (the local executor lands in order).
+    assert any(0 < len(v) < len(steps) for v in api_views), f"the API reader never saw the study mid-sweep: {sorted(api_views)}"
+    assert any(0 < len(v) < len(steps) for v in app_views), f"the app reader never saw the study mid-sweep: {sorted(app_views)}"
+    assert all(list(v) == steps[: len(v)] for v in api_views | app_views)
     print(f"reads during the sweep: API process {len(records)} values over {len(api_views)} study versions, "
           f"app data layer {len(seen)} values over {len(app_views)} versions")
