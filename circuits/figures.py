@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from circuits.errors import first_line
 from circuits.tracking import Tracking, head_name
+
+if TYPE_CHECKING:  # plotly loads lazily (it is slow to import); only the annotations need it here
+    from plotly.graph_objects import Figure
 
 PHASE_COLOUR = "rgba(255, 165, 0, 0.18)"
 
@@ -160,7 +164,7 @@ def circuit_evolution(tracking: Tracking, step: int | None = None):
     return fig
 
 
-def all_figures(tracking: Tracking) -> dict[str, object]:
+def all_figures(tracking: Tracking) -> dict[str, Figure]:
     """Name -> figure for everything ``write_figures`` writes."""
     figures = {"curves": metric_curves(tracking)}
     for kind in tracking.heads:
@@ -231,7 +235,7 @@ def write_figures(tracking: Tracking, study=None, out_dir: Path | str = "figures
         try:
             if renderer == "kaleido":
                 fig.write_image(str(target), scale=2)
-            else:
+            elif browser:  # always there: "chromium" is chosen only when a browser was found
                 _screenshot(browser, html, target, fig)
             written["png"].append(str(target))
         except Exception as err:  # a renderer that cannot run here: keep the HTML, say why once

@@ -82,6 +82,13 @@ def parse_edge(name: str) -> tuple[str, str]:
     return writer, reader
 
 
+def _layer(node: NodeName) -> int:
+    """The layer a node sits in; the input sits below every layer (-1)."""
+    if node.kind == "input" or node.layer is None:
+        return -1
+    return node.layer
+
+
 @dataclass(frozen=True)
 class GraphSpec:
     """The shape of a model's graph: names of writers and reader ports, and which pairs exist."""
@@ -142,8 +149,7 @@ class GraphSpec:
 
     def writer_layer(self, index: int) -> int:
         """-1 for input, else the layer of the head or MLP."""
-        parsed = parse_node(self.forward_names[index])
-        return -1 if parsed.kind == "input" else int(parsed.layer)
+        return _layer(parse_node(self.forward_names[index]))
 
     @property
     def valid(self) -> np.ndarray:
@@ -151,16 +157,16 @@ class GraphSpec:
         valid = np.zeros(self.shape, dtype=bool)
         for i, writer in enumerate(self.forward_names):
             w = parse_node(writer)
-            w_layer = -1 if w.kind == "input" else w.layer
+            w_layer = _layer(w)
             for j, reader in enumerate(self.backward_names):
                 r = parse_node(reader)
                 if r.kind == "logits":
                     valid[i, j] = True
                 elif r.kind == "head":
-                    valid[i, j] = w_layer < r.layer
+                    valid[i, j] = w_layer < _layer(r)
                 else:  # mlp reader
                     same_layer_head = w.kind == "head" and w.layer == r.layer
-                    valid[i, j] = w_layer < r.layer or (same_layer_head and not self.parallel_attn_mlp)
+                    valid[i, j] = w_layer < _layer(r) or (same_layer_head and not self.parallel_attn_mlp)
         return valid
 
     @property
@@ -325,7 +331,7 @@ def spec_for_study(study, shape: tuple[int, int]) -> GraphSpec:
     parallel = _find_key(provenance, "parallel_attn_mlp")
     if parallel is None:
         parallel = "neox" in str(_find_key(provenance, "architecture") or "").lower()
-    return spec_for_scores(int(study.n_layers), int(study.n_heads), tuple(shape), bool(parallel))
+    return spec_for_scores(int(study.n_layers), int(study.n_heads), (int(shape[0]), int(shape[1])), bool(parallel))
 
 
 def circuit_digraph(study, step: int, only_circuit: bool = False):

@@ -150,7 +150,9 @@ def metric_per_example(
     if task.metric == "prob_diff":
         probs = at.softmax(-1)
         good = probs.gather(-1, correct)[..., 0]
-        bad = 0.0 if task.wrong is None else probs.gather(-1, task.wrong.to(at.device)[..., None])[..., 0]
+        if task.wrong is None:
+            return good.mean(-1)
+        bad = probs.gather(-1, task.wrong.to(at.device)[..., None])[..., 0]
         return (good - bad).mean(-1)
     if clean_logits is None:
         raise CircuitsError(f"task {task.name}: the kl metric needs the clean run's logits")

@@ -90,8 +90,9 @@ def node_masks(
     nodes = list(dict.fromkeys([*forward_names, *(node_of(n) for n in backward_names)]))
     index = {n: i for i, n in enumerate(nodes)}
     out = np.zeros((edge_masks.shape[0], len(nodes)), dtype=bool)
-    writes = edge_masks.any(axis=2)  # [step, forward]
-    reads = edge_masks.any(axis=1)  # [step, backward]
+    # asarray: numpy's stub types ``any(axis=...)`` as possibly a scalar; on a 3-d array it never is.
+    writes = np.asarray(edge_masks.any(axis=2))  # [step, forward]
+    reads = np.asarray(edge_masks.any(axis=1))  # [step, backward]
     for j, name in enumerate(forward_names):
         out[:, index[name]] |= writes[:, j]
     for j, name in enumerate(backward_names):
@@ -437,7 +438,7 @@ def track(study, min_share: float = 0.2) -> Tracking:
     tracked.pop("circuit/faithfulness", None)
     for kind, scores in heads.items():
         final = scores[-1]
-        layer, head = np.unravel_index(int(np.nanargmax(final)), final.shape)
+        layer, head = (int(i) for i in np.unravel_index(int(np.nanargmax(final)), final.shape))
         tracked[f"heads/{kind}/{head_name(layer, head)}"] = scores[:, layer, head]
     phases = []
     for name, curve in tracked.items():
@@ -501,11 +502,11 @@ def summary_text(tracking: Tracking) -> str:
         line = (f"  {p.curve}: {p.direction} {_fmt(p.before)} -> {_fmt(p.after)} at step {p.step} "
                 f"(window {p.start_step}-{p.end_step}, {p.share:.0%} of its range)")
         if p.circuit:
-            c = p.circuit
-            line += (f"; circuit +{c['edges_added']}/-{c['edges_removed']} edges, "
-                     f"{c['n_edges_before']} -> {c['n_edges_after']}")
-            if c["nodes_emerged"]:
-                line += f", nodes emerging: {', '.join(c['nodes_emerged'])}"
+            change = p.circuit
+            line += (f"; circuit +{change['edges_added']}/-{change['edges_removed']} edges, "
+                     f"{change['n_edges_before']} -> {change['n_edges_after']}")
+            if change["nodes_emerged"]:
+                line += f", nodes emerging: {', '.join(change['nodes_emerged'])}"
         lines.append(line)
     lines.append("")
     lines.append("head detectors (head with the highest final score):")
