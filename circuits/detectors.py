@@ -169,18 +169,19 @@ def successor_pairs(model) -> tuple[Int[Tensor, " n"], Int[Tensor, " n"]]:
         list("ABCDEFGHIJKLMNOPQRSTUVWXYZ"),
         list("abcdefghijklmnopqrstuvwxyz"),
     ]
-    src, dst = [], []
+    sources: list[int] = []
+    successors: list[int] = []
     for words in sequences:
         for prefix in (" ", ""):
             ids = [tok.encode(prefix + w, add_special_tokens=False) for w in words]
             for a, b in zip(ids, ids[1:], strict=False):
                 if len(a) == 1 and len(b) == 1 and a[0] < vocab and b[0] < vocab:
-                    src.append(a[0])
-                    dst.append(b[0])
-    if not src:  # a tokenizer with none of these as single tokens: fall back to ids
+                    sources.append(a[0])
+                    successors.append(b[0])
+    if not sources:  # a tokenizer with none of these as single tokens: fall back to ids
         src_t = torch.arange(0, min(vocab - 1, MAX_SOURCE_TOKENS))
         return src_t, src_t + 1
-    return torch.tensor(src), torch.tensor(dst)
+    return torch.tensor(sources), torch.tensor(successors)
 
 
 def ov_scores(

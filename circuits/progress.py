@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 
+from circuits.errors import CircuitsError
 from circuits.visit import AnalysisResult, VisitContext
 
 N_KEY_FREQS = 5
@@ -168,6 +169,8 @@ def modular_addition_measures(ctx: VisitContext) -> AnalysisResult:
     )
 
     local = ctx.manifest.local
+    if local is None:
+        raise CircuitsError(f"manifest {ctx.manifest.name}: the modular-addition measures need a local run")
     p = int(local.options["p"])
     train_idx, test_idx = train_test_split(p, float(local.options["train_frac"]), int(local.seed or 0))
     pairs = all_pairs(p)

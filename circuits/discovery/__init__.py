@@ -13,6 +13,7 @@ Files: ``functional.py`` (a forward over the bridge's weights where each edge is
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 
@@ -118,6 +119,16 @@ def smallest_faithful(evaluator: Evaluator, scores: np.ndarray, target: float = 
     return best_mask, best_faith, True, tried
 
 
+_T = TypeVar("_T")
+
+
+def _given(value: _T | None, message: str) -> _T:
+    """A selection setting that discover() checked up front (before any model work), narrowed for use."""
+    if value is None:
+        raise CircuitsError(message)
+    return value
+
+
 def discover(
     model,
     task: Task,
@@ -149,10 +160,12 @@ def discover(
         raise CircuitsError(f"unknown selection {selection!r}; expected one of: {', '.join(SELECTIONS)}")
     if grow not in ("topn", "greedy"):
         raise CircuitsError(f"unknown grow rule {grow!r}; expected topn or greedy")
-    if selection in ("topn", "greedy") and n_edges is None:
-        raise CircuitsError(f"selection {selection!r} needs n_edges (how many edges to keep)")
-    if selection == "threshold" and threshold is None:
-        raise CircuitsError("selection 'threshold' needs threshold (the smallest |score| kept)")
+    needs_n_edges = f"selection {selection!r} needs n_edges (how many edges to keep)"
+    needs_threshold = "selection 'threshold' needs threshold (the smallest |score| kept)"
+    if selection in ("topn", "greedy"):
+        _given(n_edges, needs_n_edges)
+    if selection == "threshold":
+        _given(threshold, needs_threshold)
     if selection == "faithful":
         check_target(target, upper=float("inf"))  # a circuit may beat the full model: targets above 1 search on
     check_task(model, task)
@@ -173,11 +186,11 @@ def discover(
                        f"returning the most faithful one found ({int(mask.sum())} edges, {faith:.3f})")
     else:
         if selection == "topn":
-            mask = sel.top_n(spec, scores, int(n_edges), absolute)
+            mask = sel.top_n(spec, scores, int(_given(n_edges, needs_n_edges)), absolute)
         elif selection == "greedy":
-            mask = sel.greedy(spec, scores, int(n_edges), absolute)
+            mask = sel.greedy(spec, scores, int(_given(n_edges, needs_n_edges)), absolute)
         else:
-            mask = sel.threshold(spec, scores, float(threshold), absolute)
+            mask = sel.threshold(spec, scores, float(_given(threshold, needs_threshold)), absolute)
         faith = float(evaluator.faithfulness(mask))
         if evaluator.gap_nil:
             message = "nil metric gap: faithfulness is undefined (NaN)"

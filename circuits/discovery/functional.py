@@ -15,6 +15,7 @@ Anything else (gated MLPs, grouped-query attention, post-norm) is refused with a
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import einops
@@ -26,7 +27,7 @@ from torch import Tensor
 from circuits.errors import CircuitsError
 from circuits.graph import GraphSpec
 
-_ACTS = {
+_ACTS: dict[str, Callable[[Tensor], Tensor]] = {
     "relu": F.relu,
     "gelu": F.gelu,
     "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
@@ -243,13 +244,13 @@ class FunctionalModel:
         cos_sin = self._rotary_cos_sin(n_pos) if self.rotary else None
         causal = torch.ones(n_pos, n_pos, dtype=torch.bool, device=self.device).tril()
         writers: list[Tensor] = [input_embeds]
-        ports: list[Tensor] = [] if grad_ports else None
+        ports: list[Tensor] = []  # filled only with grad_ports
         resid = input_embeds
         reader = 0  # index of the first port of the current layer in backward order
 
         def ablation_term(first: int, count: int) -> Tensor | None:
             """[batch pos count d_model]: sum_u ablate[u, port] * (writer_u - reference_u)."""
-            if ablate is None:
+            if ablate is None or reference is None:  # reference is set whenever ablate is (checked above)
                 return None
             n_w = len(writers)
             mask = ablate[:, :n_w, first : first + count]
@@ -313,12 +314,14 @@ class FunctionalModel:
             final = final[:, logit_positions]
         logits = self.ln_final(final) @ self.W_U + self.b_U
         stacked = torch.stack(writers) if keep_writers or ablate is not None else input_embeds.new_zeros(0)
-        return Run(logits, stacked, ports, port_inputs if ablate is None and grad_ports else None)
+        return Run(logits, stacked, ports if grad_ports else None, port_inputs if ablate is None and grad_ports else None)
 
     def port_grads(self, run: Run, value: Tensor) -> Float[Tensor, "n_backward batch pos d_model"]:
         """``d value / d input of each reader port``, stacked in ``spec.backward_names`` order."""
+        if run.ports is None:
+            raise CircuitsError("port_grads needs a run made with grad_ports=True")
         grads = torch.autograd.grad(value, run.ports)
-        out = []
+        out: list[Tensor] = []
         it = iter(grads)
         for layer in range(self.n_layers):
             if run.port_inputs is not None:

@@ -30,6 +30,7 @@ import torch
 from circuits.config import SCORING_METHODS as METHODS
 from circuits.config import check_ig_steps, check_method
 from circuits.discovery.functional import FunctionalModel
+from circuits.errors import CircuitsError
 from circuits.tasks import Task, at_answer_positions, metric_per_example
 
 
@@ -60,8 +61,8 @@ def reference_runs(fm: FunctionalModel, task: Task):
 
 
 def _scores(delta: torch.Tensor, grads: torch.Tensor, fm: FunctionalModel, n_examples: int) -> np.ndarray:
-    scores = (delta.flatten(1) @ grads.flatten(1).T) / n_examples  # [n_forward, n_backward]
-    scores = scores.float().cpu().numpy()
+    products = (delta.flatten(1) @ grads.flatten(1).T) / n_examples  # [n_forward, n_backward]
+    scores = products.float().cpu().numpy()
     scores[~fm.spec.valid] = 0.0
     return scores
 
@@ -89,7 +90,7 @@ def score_eap_ig(fm: FunctionalModel, task: Task, steps: int = 5, ig_chunk: int 
     positions, local = at_answer_positions(task)
     positions = positions.to(fm.device)
     clean_at = clean_run.logits[:, positions]
-    grad_sum = None
+    grad_sum: torch.Tensor | None = None
     for start in range(1, steps + 1, ig_chunk):
         ks = torch.arange(start, min(start + ig_chunk, steps + 1), device=fm.device, dtype=fm.dtype)
         alphas = (ks / steps)[:, None, None, None]
@@ -100,6 +101,8 @@ def score_eap_ig(fm: FunctionalModel, task: Task, steps: int = 5, ig_chunk: int 
         value = _metric(run.logits, _repeat(local, len(ks)), clean_at.repeat(len(ks), 1, 1)).sum()
         grads = fm.port_grads(run, value).view(fm.spec.n_backward, len(ks), n, *clean_in.shape[1:]).sum(1)
         grad_sum = grads if grad_sum is None else grad_sum + grads
+    if grad_sum is None:  # unreachable: check_ig_steps made steps >= 1, so the loop ran
+        raise CircuitsError(f"eap-ig ran no interpolation step (steps={steps})")
     return _scores(corrupt_run.writers - clean_run.writers, grad_sum / steps, fm, n)
 
 
