@@ -53,7 +53,7 @@ class StepResult:
 
     step: int
     summary: StepSummary | None = None
-    layout: dict[str, tuple[tuple[int, ...], Any]] = field(default_factory=dict)
+    layout: store.Layout = field(default_factory=dict)
     tokens_seen: int = -1
     seconds: float = 0.0
     cpu_seconds: float = 0.0

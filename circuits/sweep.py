@@ -77,7 +77,7 @@ class Landed:
     """The shards already in a study folder when a sweep starts (the index grows from these)."""
 
     done: set[int]  # complete shards among the selected steps
-    layouts: dict[int, dict[str, tuple[tuple[int, ...], Any]]]  # every complete shard's datasets
+    layouts: dict[int, store.Layout]  # every complete shard's datasets
     tokens: dict[int, int]  # tokens seen at each complete shard's step
     damaged: dict[int, Path] = field(default_factory=dict)  # selected steps whose shard is not data
 

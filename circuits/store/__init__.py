@@ -39,6 +39,7 @@ from circuits.store.format import (
     unpack_patterns,
 )
 from circuits.store.index import (
+    Layout,
     check_shard,
     clean_stale_temporaries,
     open_shard,
@@ -51,6 +52,7 @@ from circuits.store.study import Study, open_study
 from circuits.store.writer import BackgroundWriter, ShardWriter
 
 __all__ = [
+    "Layout",
     "COMPRESSION_NAME", "INDEX_FILE", "INDEX_FORMAT", "OUTPUT_KEYS", "PATTERN_LAYOUT", "PATTERNS", "RESERVED",
     "SHARD_DIR", "SHARD_FORMAT", "SHARD_RE", "STUDY_FILE", "STUDY_FORMAT",
     "lower_triangle", "pack_patterns", "positions_of", "shard_name", "triangle_size", "unpack_patterns",
