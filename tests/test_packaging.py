@@ -49,6 +49,11 @@ for page in ("overview", "circuit", "heads", "compare"):
 assert (APP_MAIN.parent / "components" / "circuit_graph.py").is_file()
 from circuits.bench import BENCHMARKS
 assert "app" in BENCHMARKS
+from streamlit.testing.v1 import AppTest  # the installed app runs (no study: it says so)
+at = AppTest.from_file(str(APP_MAIN), default_timeout=120).run()
+assert not at.exception, [e.value for e in at.exception]
+import app  # bound by main.py to the installed circuits_app folder
+assert Path(app.__file__).resolve().parent == APP_MAIN.parent, app.__file__
 print("installed ok")
 """
 
