@@ -9,7 +9,11 @@
 - ``components/``: the SVG graph as an ``st.components.v2`` component (inline JS).
 - ``charts.py``: the app's own plotly figures; study-level figures come from ``circuits.figures``.
 - ``ui.py``: shared page helpers (errors as messages, text escaping).
-- ``circuits/app_bench.py`` (beside the library, importing nothing from here): ``bench_app()``.
+- ``circuits/bench/app.py`` (drives ``main.py`` by path, importing nothing from here): ``bench_app()``.
+
+Installed, this folder is the package ``circuits_app`` (pyproject ``package-dir``); ``main.py``
+binds it as ``app`` in the app's own process, so the pages import ``app.xxx`` either way and the
+package's modules import each other relatively.
 
 Rules: the library never imports this package; strings from files are shown as text, never
 as markdown or HTML; every cached function's inputs are in its key.

@@ -18,8 +18,9 @@ from pathlib import Path
 import numpy as np
 import streamlit as st
 
-from app import graph_view as gv
 from circuits.errors import CircuitsError
+
+from . import graph_view as gv
 
 CIRCUIT_KEYS = ("circuit/scores", "circuit/in_circuit")
 # One Study object serves every browser session (cache_resource), and its shard handles are an

@@ -6,18 +6,37 @@ selected node and example in query parameters), the study read through ``circuit
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from pathlib import Path
 
-ROOT = str(Path(__file__).resolve().parent.parent)
-if ROOT not in sys.path:  # `streamlit run app/main.py` puts app/ on the path, not the repo
-    sys.path.insert(0, ROOT)
+HERE = Path(__file__).resolve().parent
+
+
+def _bind_package(name: str = "app") -> None:
+    """Make this folder the package ``app`` that the pages import (``from app import ui``),
+    whatever it is called on disk: ``app/`` in a checkout, ``circuits_app`` when installed (a
+    name that cannot clash with a user's own ``app``). Streamlit runs this file as a script with
+    its folder on ``sys.path``, so neither name is importable by itself; this binding holds in
+    the app's own process only."""
+    bound = sys.modules.get(name)
+    if bound is not None and Path(bound.__file__ or "").resolve().parent == HERE:
+        return
+    for key in [k for k in sys.modules if k == name or k.startswith(name + ".")]:
+        del sys.modules[key]  # another package of that name: not ours
+    spec = importlib.util.spec_from_file_location(name, HERE / "__init__.py", submodule_search_locations=[str(HERE)])
+    package = importlib.util.module_from_spec(spec)
+    sys.modules[name] = package
+    spec.loader.exec_module(package)
+
+
+_bind_package()
 
 import streamlit as st  # noqa: E402
 
 from app import ui  # noqa: E402
 
-PAGES = Path(__file__).resolve().parent / "views"  # not pages/: that name turns on legacy multipage mode
+PAGES = HERE / "views"  # not pages/: that name turns on legacy multipage mode
 
 st.set_page_config(page_title="circuits", page_icon=":material/hub:", layout="wide")
 

@@ -14,8 +14,9 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 
-from app.graph_view import parse_node
 from circuits.errors import CircuitsError
+
+from .graph_view import parse_node
 
 MODES = ("circuit", "threshold", "top-n")
 # The launcher sets this when the server listens beyond loopback: the URL may then not

@@ -11,10 +11,11 @@ from contextlib import contextmanager
 
 import streamlit as st
 
-from app import data
-from app.charts import plain  # noqa: F401 - re-exported for pages
-from app.state import Settings, launch_study, study_locked
 from circuits.errors import CircuitsError
+
+from . import data
+from .charts import plain  # noqa: F401 - re-exported for pages
+from .state import Settings, launch_study, study_locked
 
 SESSION_KEY = "app.settings"
 

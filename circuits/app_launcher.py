@@ -2,11 +2,13 @@
 
 Binds to 127.0.0.1 unless another address is asked for explicitly; when it listens beyond
 loopback, the URL may not point the app at another folder (``?study=`` is then ignored).
-The app lives in ``app/`` beside this package and imports the library, never the other way.
+The app (``app/`` in the repository, installed as ``circuits_app``) imports the library, never
+the other way: it is found here by its file, not imported.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import subprocess
@@ -16,7 +18,18 @@ from pathlib import Path
 
 from circuits.errors import CircuitsError
 
-APP_MAIN = Path(__file__).resolve().parent.parent / "app" / "main.py"
+
+def _app_main() -> Path:
+    """The app's main file: in the package ``circuits_app`` where circuits is installed (a wheel,
+    or ``pip install -e``), else ``app/main.py`` beside the package (a checkout on ``PYTHONPATH``,
+    not installed). Found without importing the app: the library never imports it."""
+    spec = importlib.util.find_spec("circuits_app")
+    if spec is not None and spec.submodule_search_locations:
+        return Path(list(spec.submodule_search_locations)[0]) / "main.py"
+    return Path(__file__).resolve().parents[1] / "app" / "main.py"
+
+
+APP_MAIN = _app_main()
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
@@ -34,8 +47,8 @@ def launch(study: str | Path, port: int = 8501, address: str = "127.0.0.1", wait
     Returns the server's exit status, or the running ``Popen`` when ``wait`` is False.
     """
     if not APP_MAIN.exists():
-        raise CircuitsError(f"the app is not installed beside the library: {APP_MAIN} is missing "
-                            "(run from a checkout of the repository)")
+        raise CircuitsError(f"the app's files are missing: {APP_MAIN} (reinstall circuits, or run from a "
+                            "checkout of the repository)")
     if not 0 < port < 65536:
         raise CircuitsError(f"--port {port}: expected 1..65535")
     if not Path(study).exists():

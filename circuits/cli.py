@@ -36,6 +36,7 @@ def train(
     device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
 ) -> None:
     """Train a built-in run on a dense checkpoint schedule (safetensors, one folder per step)."""
+    from circuits.config import check_device
     from circuits.recipes import recipe_module, train_recipe
 
     options = {"steps": steps, "seed": seed, "checkpoint_every": checkpoint_every}
@@ -44,7 +45,7 @@ def train(
     elif p is not None or train_frac is not None or freeze_biases is not None:
         raise CircuitsError(f"--p, --train-frac and --freeze-biases apply to modular-addition, not to {recipe!r}")
     recipe_module(recipe)  # unknown recipe: one clear line before anything touches disk
-    _check_device(device)
+    check_device(device)
     manifest = train_recipe(recipe, out, device=device, **options)
     typer.echo(f"trained {manifest.name}: {len(manifest.steps)} checkpoints in {out}")
     print_history(out)
@@ -112,7 +113,8 @@ def sweep(
 
 @app.command()
 def bench(
-    name: Annotated[str, typer.Argument(help="Benchmark to run: extract, discover, app, scaling, or all (every one, side by side)")] = "all",
+    name: Annotated[str, typer.Argument(help="Benchmark to run: extract, extract-70m, discover, app, scaling, "
+                                            "or all (every one, side by side)")] = "all",
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON only")] = False,
     manifest: Annotated[str | None, typer.Option(help="extract: benchmark this run's checkpoint instead of the built-in model")] = None,
     step: Annotated[int | None, typer.Option(help="extract: step of --manifest (default: its last)")] = None,
@@ -123,8 +125,9 @@ def bench(
     import json
 
     from circuits.bench import print_result, run_benchmark
+    from circuits.config import check_device
 
-    _check_device(device)
+    check_device(device)
     options = {"device": device}
     if manifest is not None or step is not None:
         if name not in ("extract", "all"):
@@ -181,12 +184,6 @@ def print_history(run_dir: Path) -> None:
     for row in history:
         table.add_row(*(str(row[c]) if c == "step" else f"{row[c]:.4f}" for c in columns))
     Console().print(table)
-
-
-def _check_device(device: str) -> None:
-    from circuits.config import check_device
-
-    check_device(device)
 
 
 @app.command("app")

@@ -7,6 +7,7 @@ that reproduce it. Every later stage (loading, sweeps, studies) starts from one.
 
 from __future__ import annotations
 
+from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -16,7 +17,18 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from circuits.errors import CircuitsError
 from circuits.steps import PYTHIA_STEPS
 
-MANIFEST_DIR = Path(__file__).resolve().parents[1] / "checkpoints_manifest"
+
+def _manifest_dir() -> Path:
+    """The built-in manifests: the data package ``circuits_manifests`` where circuits is installed
+    (a wheel, or ``pip install -e``), else ``checkpoints_manifest/`` beside the package (a
+    checkout on ``PYTHONPATH``, not installed)."""
+    try:
+        return Path(str(resources.files("circuits_manifests")))
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parents[1] / "checkpoints_manifest"
+
+
+MANIFEST_DIR = _manifest_dir()
 NAMED_SCHEDULES = {"pythia-154": PYTHIA_STEPS}
 
 

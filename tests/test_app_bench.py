@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from circuits.app_bench import measure, synthetic_study
+from circuits.bench.app import measure, synthetic_study
 
 
 def test_bench_measures_open_and_step_switch(tmp_path):

@@ -284,7 +284,7 @@ def test_bad_input_is_refused_clearly(native_attn, native_mlp):
 
 
 def test_bench_discover_runs_small_and_agrees_with_tl(capsys):
-    from circuits.discovery.bench import bench_discover
+    from circuits.bench.discover import bench_discover
 
     figures = bench_discover(n_pairs=2, seq_len=8, ig_steps=(2,), repeats=1, include_patching=True)
     assert figures["eap_vs_tl_max_rel_err"] <= 1e-4

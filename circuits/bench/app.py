@@ -1,4 +1,4 @@
-"""Benchmark of the app, server side: opening a study and moving to another step.
+"""Benchmark ``app``: the app, server side: opening a study and moving to another step.
 
 ``bench_app()`` writes a synthetic study shaped like a Pythia-70m sweep (154 checkpoints,
 6 layers x 8 heads with MLPs, a circuit of ~1,000 edges per step drifting over training,
@@ -11,8 +11,10 @@ Circuit page with Streamlit's AppTest:
 - ``step_switch_ms``: moving the step slider to another step and rerunning. AppTest reruns the
   whole page, while in the browser only the graph fragment reruns: an upper bound.
 
-Goals (issue 6): step switch <= 200 ms, open <= 3 s. The app is driven by its file path
-(``app/main.py`` in a checkout): nothing here imports the ``app`` package.
+Goals (issue 6): step switch <= 200 ms, open <= 3 s. The app is driven by its main file's
+path (``circuits.app_launcher.APP_MAIN``, the installed app or ``app/main.py`` in a checkout):
+nothing here imports the app's package. ``app_figures()`` (``circuits bench app``) reports the
+figures against their goals.
 """
 
 from __future__ import annotations
@@ -22,11 +24,14 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-MAIN = ROOT / "app" / "main.py"
+from circuits.app_launcher import APP_MAIN as MAIN
+from circuits.bench.common import figure, quietly
+
 GOAL_SWITCH_MS = 200.0
 GOAL_OPEN_S = 3.0
 
@@ -38,12 +43,13 @@ def synthetic_study(out: Path, n_edges: int = 1000, n_examples: int = 4, seq_len
     import torch
 
     from circuits import store
+    from circuits.config import SweepConfig
     from circuits.graph import GraphSpec
     from circuits.manifest import load_manifest
-    from circuits.sweep import library_versions, task_record
+    from circuits.sweep import study_record
     from circuits.tasks import Task
 
-    manifest = load_manifest(ROOT / "checkpoints_manifest" / "pythia-70m.yaml")
+    manifest = load_manifest("pythia-70m")
     n_layers, n_heads = 6, 8
     spec = GraphSpec(n_layers, n_heads, has_mlp=True, parallel_attn_mlp=True)
     rng = np.random.default_rng(seed)
@@ -51,14 +57,10 @@ def synthetic_study(out: Path, n_edges: int = 1000, n_examples: int = 4, seq_len
     clean = torch.randint(0, 1000, (n_examples, seq_len), generator=g)
     task = Task("synthetic", clean, torch.randint(0, 1000, (n_examples, seq_len), generator=g),
                 torch.full((n_examples, 1), -1), clean[:, -1:].clone())
-    record = {
-        "format": store.STUDY_FORMAT, "created": "synthetic", "manifest": manifest.to_yaml(),
-        "manifest_name": manifest.name, "manifest_origin": manifest.origin, "task": task_record(task),
-        "model": {"n_layers": n_layers, "n_heads": n_heads, "d_model": 512, "d_head": 64, "d_vocab": 50304,
-                  "n_ctx": 2048, "architecture": manifest.architecture},
-        "hook_filter": "", "hooks": [], "dtype": "float16", "compression": store.COMPRESSION_NAME,
-        "options": {"method": "synthetic"}, "versions": library_versions(),
-    }
+    model = SimpleNamespace(cfg=SimpleNamespace(n_layers=n_layers, n_heads=n_heads, d_model=512, d_head=64,
+                                                d_vocab=50304, n_ctx=2048))
+    # The sweep's own study record, so the app reads what a real sweep writes.
+    record = study_record(manifest, task, model, SweepConfig(options={"synthetic": True}), [])
     out.mkdir(parents=True, exist_ok=True)
     (out / store.SHARD_DIR).mkdir(exist_ok=True)
     store.write_study_json(out, record)
@@ -121,7 +123,7 @@ def measure(study: Path, n_switches: int = 20) -> dict:
     from circuits.errors import CircuitsError
 
     if not MAIN.exists():
-        raise CircuitsError(f"the app benchmark needs the app beside the library: {MAIN} is missing")
+        raise CircuitsError(f"the app benchmark needs the app's files: {MAIN} is missing (reinstall circuits)")
     import circuits
 
     steps = [int(s) for s in circuits.open_study(study).steps]
@@ -189,5 +191,18 @@ def bench_app(json_out: bool = False) -> dict:
     return result
 
 
-if __name__ == "__main__":
-    bench_app(json_out=True)  # python -m circuits.app_bench
+
+def app_figures(device: str = "cpu") -> dict[str, Any]:
+    """``bench_app`` on its synthetic Pythia-70m-shaped study, as figures (``device`` is unused:
+    the app reads a study, no model)."""
+    raw = quietly(bench_app)
+    return {
+        "figures": {
+            "step_switch_ms": figure(raw["step_switch_ms_median"], "ms", goal=raw["goal_step_switch_ms"]),
+            "step_switch_ms_max": figure(raw["step_switch_ms_max"], "ms"),
+            "open_circuit_s": figure(raw["open_s_median"], "s", goal=raw["goal_open_s"]),
+            "open_overview_s": figure(raw["open_overview_s"], "s", goal=raw["goal_open_s"]),
+        },
+        "model": {"study": f"synthetic, {raw['n_steps']} steps, ~{raw['edges_drawn_last']} edges drawn",
+                  "device": "cpu (the app reads the study; no model)"},
+    }

@@ -1,4 +1,4 @@
-"""Benchmark of circuit discovery against TL 4.3, one model and one batch, ratios in one run.
+"""Benchmark ``discover``: circuit discovery against TL 4.3, one model and one batch, ratios in one run.
 
 ``bench_discover()`` builds a 2-layer d_model 64 GPTNeoX (partial rotary, parallel
 attention+MLP) in a temporary folder, boots it through ``TransformerBridge`` and times, on
@@ -11,6 +11,8 @@ attention+MLP) in a temporary folder, boots it through ``TransformerBridge`` and
 - ``eap-ig`` for m = 5 and 30 as multiples of one forward+backward (goal <= m + 2): the
   median over repeats of (EAP-IG time / the forward+backward timed just before it);
 - one faithfulness evaluation, and (``include_patching``) exact patching of every edge.
+
+``discover_figures()`` (``circuits bench discover``) reports them as figures against their goals.
 """
 
 from __future__ import annotations
@@ -19,9 +21,12 @@ import contextlib
 import json
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
+
+from circuits.bench.common import figure, machine, quietly
 
 CLOCK = time.process_time  # CPU seconds of this process: stable when other jobs share the cores
 
@@ -74,7 +79,6 @@ def bench_discover(json_out: bool = False, n_pairs: int = 32, seq_len: int = 48,
     runs, with torch limited to ``threads`` threads (None: leave as is): on shared machines
     wall-clock time mostly measures the neighbours.
     """
-    from circuits.bench import machine
     from circuits.discovery import Evaluator, FunctionalModel, score_edges
     from circuits.discovery.selection import top_n
     from circuits.graph import GraphSpec
@@ -170,3 +174,20 @@ def bench_discover(json_out: bool = False, n_pairs: int = 32, seq_len: int = 48,
                 print(f"  eap vs TL max rel err       {figures['eap_vs_tl_max_rel_err']:.1e}")
         return figures
 
+
+
+def discover_figures(device: str = "cpu") -> dict[str, Any]:
+    """``bench_discover`` (CPU only, one torch thread), as figures."""
+    raw = quietly(bench_discover)
+    figures = {}
+    for key, value in raw["ratios"].items():
+        if key.endswith("goal (m+2)"):
+            continue
+        goal = raw["ratios"].get(key.replace("/ fwd+bwd", "goal (m+2)")) if key.startswith("eap-ig") else None
+        better = "higher" if "speed-up" in key else "lower"
+        figures[key] = figure(value, "x", goal=goal, better=better)
+    if "eap_vs_tl_max_rel_err" in raw:
+        figures["eap vs TL max rel err"] = figure(raw["eap_vs_tl_max_rel_err"], "", goal=1e-4)
+    note = "" if device == "cpu" else f" (--device {device} ignored: this benchmark runs on the CPU)"
+    return {"figures": figures, "model": raw["model"] | {"note": f"CPU time, 1 thread{note}"}, "batch": raw["batch"],
+            "seconds_cpu": raw["seconds"]}

@@ -1,0 +1,79 @@
+"""Benchmarks: named, registered, each returning figures compared with a goal.
+
+A benchmark is a plain function ``fn(**options) -> dict`` in its own module, registered below
+in ``BENCHMARKS`` under a name and a description; its result holds ``figures`` ({name: {value,
+unit, goal, better}}) plus free-form context (the model, the batch, the machine).
+``circuits bench NAME [--json]`` runs one and prints a table (or JSON). Figures are measured
+side by side in one process, so ratios are meaningful even on a busy machine; absolute times
+are not. Results go in ``docs/performance.md``.
+
+- ``common.py``: ``Benchmark``, ``figure``, ``machine``, ``quietly``, ``print_result``.
+- ``extract.py``: ``extract`` and ``extract-70m`` (the sweep's extraction vs a bare forward).
+- ``discover.py``: ``discover`` (EAP / EAP-IG against forward+backward and TL 4.3).
+- ``app.py``: ``app`` (the Streamlit app, server side, on a synthetic study).
+- ``scaling.py``: ``scaling`` (steps and Ray workers).
+
+To add one: write ``bench_x(device: str = "cpu", ...) -> dict`` in a module here, returning
+``{"figures": {"ratio": figure(value, "x", goal=4.0)}, "model": {...}}``, register it below,
+and name it in the help of ``circuits bench`` (``circuits/cli.py``; a test checks the two agree).
+
+The library never imports this package (only ``circuits/cli.py`` does, inside ``bench``).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from circuits.bench.app import app_figures
+from circuits.bench.common import Benchmark, figure, machine, print_result
+from circuits.bench.discover import discover_figures
+from circuits.bench.extract import bench_extract, bench_extract_70m
+from circuits.bench.scaling import bench_scaling
+from circuits.errors import CircuitsError
+
+__all__ = ["BENCHMARKS", "Benchmark", "bench_all", "bench_extract", "bench_scaling", "figure", "machine",
+           "print_result", "run_benchmark"]
+
+_OPTIONS_OF = {"extract": ("manifest", "step"), "scaling": ("run",)}
+
+
+def bench_all(device: str = "cpu", **options: Any) -> dict[str, Any]:
+    """Run every other registered benchmark in turn; one that fails is reported, not fatal."""
+    results: dict[str, Any] = {}
+    figures: dict[str, Any] = {}
+    for name in [n for n in BENCHMARKS if n != "all"]:
+        started = time.perf_counter()
+        try:
+            mine = {k: v for k, v in options.items() if k in _OPTIONS_OF.get(name, ())}
+            result = BENCHMARKS[name].run(device=device, **mine)
+        except Exception as err:  # noqa: BLE001 - one broken benchmark must not hide the others
+            result = {"figures": {}, "error": f"{type(err).__name__}: {str(err).strip()[:300]}"}
+        result["seconds"] = round(time.perf_counter() - started, 1)
+        results[name] = result
+        figures |= {f"{name}: {key}": fig for key, fig in result["figures"].items()}
+    return {"figures": figures, "results": results}
+
+
+BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in [
+    Benchmark("extract", "cache + compressed write of one step vs a bare forward; bytes; one-head read",
+              bench_extract),
+    Benchmark("extract-70m", "the extract benchmark on a Pythia-70m-shaped model (smaller batches)",
+              bench_extract_70m),
+    Benchmark("discover", "EAP / EAP-IG scoring vs forward+backward, faithfulness, TL 4.3 attribution patching "
+              "(CPU time)", discover_figures),
+    Benchmark("app", "app server side: open a 154-step study, switch step (AppTest, whole-page rerun)",
+              app_figures),
+    Benchmark("scaling", "sweep time and peak memory over 10 vs 40 steps (local); steps/s with 1 vs 2 Ray workers",
+              bench_scaling),
+    Benchmark("all", "every benchmark, one run, figures side by side", bench_all),
+]}
+
+
+def run_benchmark(name: str, **options: Any) -> dict[str, Any]:
+    if name not in BENCHMARKS:
+        raise CircuitsError(f"unknown benchmark {name!r}; expected one of: {', '.join(sorted(BENCHMARKS))}")
+    started = time.perf_counter()
+    result = BENCHMARKS[name].run(**options)
+    return {"benchmark": name, "description": BENCHMARKS[name].description, **result,
+            "machine": machine(), "seconds": round(time.perf_counter() - started, 1)}
