@@ -28,7 +28,8 @@ browser:
 demo: install
 	$(BIN)/circuits demo
 
-test: install browser
+# Lint and types first (seconds), then every test: the fast unit tier, then the journeys.
+test: install browser lint
 	$(BIN)/python -m pytest -q -n 2 --dist loadgroup $(PYTEST_ARGS)
 
 # The fast tier only: every test that needs no trained run (see tests/README.md).
@@ -37,6 +38,7 @@ unit: install
 
 lint: install
 	$(BIN)/ruff check circuits app tests
+	$(BIN)/mypy
 
 bench: install
 	$(BIN)/circuits bench

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -39,7 +39,7 @@ def train(
     from circuits.config import check_device
     from circuits.recipes import recipe_module, train_recipe
 
-    options = {"steps": steps, "seed": seed, "checkpoint_every": checkpoint_every}
+    options: dict[str, Any] = {"steps": steps, "seed": seed, "checkpoint_every": checkpoint_every}
     if recipe == "modular-addition":
         options |= {"p": p, "train_frac": train_frac, "freeze_biases": freeze_biases}
     elif p is not None or train_frac is not None or freeze_biases is not None:
@@ -128,7 +128,7 @@ def bench(
     from circuits.config import check_device
 
     check_device(device)
-    options = {"device": device}
+    options: dict[str, Any] = {"device": device}
     if manifest is not None or step is not None:
         if name not in ("extract", "all"):
             raise CircuitsError(f"--manifest and --step apply to the extract benchmark, not to {name!r}")

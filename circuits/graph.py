@@ -232,7 +232,7 @@ def to_digraph(spec: GraphSpec, scores: np.ndarray, in_circuit: np.ndarray | Non
     scores = _check_matrix(spec, scores, "scores").astype(float)
     mask = np.zeros(spec.shape, dtype=bool) if in_circuit is None else _check_matrix(spec, in_circuit, "in_circuit")
     mask = mask.astype(bool)
-    graph = nx.DiGraph(**(graph_attrs or {}))
+    graph: nx.DiGraph = nx.DiGraph(**(graph_attrs or {}))
     if not only_circuit:
         for name in spec.forward_names:
             graph.add_node(name, **_node_attrs(name))

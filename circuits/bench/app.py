@@ -138,6 +138,8 @@ def measure(study: Path, n_switches: int = 20) -> dict:
         opens.append(time.perf_counter() - start)
         if at.exception:
             raise RuntimeError(f"the Circuit page failed: {at.exception[0].value}")
+    if at is None:  # the loop above always runs: this only narrows ``at`` for the type checker
+        raise RuntimeError("the Circuit page was never opened")
     from streamlit.testing.v1 import AppTest
 
     st.cache_data.clear()

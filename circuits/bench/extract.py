@@ -7,7 +7,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from circuits.bench.common import figure
 
@@ -19,8 +19,23 @@ EXTRACT_MODEL = {
 }
 
 
+class GPTNeoXShape(TypedDict):
+    """The ``GPTNeoXConfig`` fields the benchmark sets, passed on to ``random_gptneox``."""
+
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    intermediate_size: int
+    max_position_embeddings: int
+    rotary_pct: float
+    rotary_emb_base: int
+    use_parallel_residual: bool
+    hidden_act: str
+
+
 # Pythia-70m's architecture (EleutherAI/pythia-70m config.json), random weights.
-PYTHIA_70M_SHAPE = {"vocab_size": 50304, "hidden_size": 512, "num_hidden_layers": 6, "num_attention_heads": 8,
+PYTHIA_70M_SHAPE: GPTNeoXShape = {"vocab_size": 50304, "hidden_size": 512, "num_hidden_layers": 6, "num_attention_heads": 8,
                     "intermediate_size": 2048, "max_position_embeddings": 2048, "rotary_pct": 0.25,
                     "rotary_emb_base": 10000, "use_parallel_residual": True, "hidden_act": "gelu"}
 

@@ -8,6 +8,7 @@ so that its peak RSS is that sweep's alone.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import statistics
 import sys
@@ -128,9 +129,10 @@ def bench_scaling(device: str = "cpu", run: str | None = None, short: int = 10, 
             t0 = time.perf_counter()
             train_recipe("induction", root / "run", progress=False)
             context["train_s"] = round(time.perf_counter() - t0, 1)
-            run = root / "run"
-        run = Path(run)
-        local = {n: _local_sweep_in_child(run, root / f"local{n}", f"first:{n}", n_examples, device)
+            run_dir = root / "run"
+        else:
+            run_dir = Path(run)
+        local = {n: _local_sweep_in_child(run_dir, root / f"local{n}", f"first:{n}", n_examples, device)
                  for n in (short, long)}
 
         import ray
@@ -138,15 +140,15 @@ def bench_scaling(device: str = "cpu", run: str | None = None, short: int = 10, 
         started_here = not ray.is_initialized()
         t0 = time.perf_counter()
         if started_here:
-            ray.init(num_cpus=workers, include_dashboard=False, logging_level="WARNING")
+            ray.init(num_cpus=workers, include_dashboard=False, logging_level=logging.WARNING)
         init_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        pids = _warm_ray_workers(ray, workers, run, root, n_examples)
+        pids = _warm_ray_workers(ray, workers, run_dir, root, n_examples)
         warm_s = time.perf_counter() - t0
         from circuits.sweep import sweep
 
         # The driver too: its first sweep would import TransformerLens inside the 1-worker timing.
-        sweep(run, "induction", root / "warm-driver", steps="0", n_examples=n_examples, method="none", progress=False)
+        sweep(run_dir, "induction", root / "warm-driver", steps="0", n_examples=n_examples, method="none", progress=False)
 
         rounds_of: dict[int, list[dict[str, Any]]] = {1: [], workers: []}
         try:
@@ -156,7 +158,7 @@ def bench_scaling(device: str = "cpu", run: str | None = None, short: int = 10, 
                     share = (ray.cluster_resources().get("GPU", 0) / workers) if device.startswith("cuda") else None
                     executor = RayExecutor(workers=n_workers, device=device, num_gpus=share)
                     t0, c0, s0 = time.perf_counter(), time.process_time(), _session_cpu()
-                    sweep(run, "induction", root / f"ray{n_workers}-{r}", steps=f"first:{ray_steps}",
+                    sweep(run_dir, "induction", root / f"ray{n_workers}-{r}", steps=f"first:{ray_steps}",
                           n_examples=n_examples, method="none", device=device, progress=False, executor=executor)
                     rounds_of[n_workers].append({
                         "wall_s": time.perf_counter() - t0, "driver_cpu_s": time.process_time() - c0,

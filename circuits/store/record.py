@@ -38,7 +38,9 @@ def read_study_json(study: Path) -> dict[str, Any] | None:
 
 
 # Fields of study.json the read API relies on: (path, type, must be positive).
-_RECORD_FIELDS = (
+# type[Any], not the union of the kinds: after ``isinstance(value, kind)`` a positive field is an int
+# (the table says so), which a union-narrowed value cannot show the type checker.
+_RECORD_FIELDS: tuple[tuple[str, type[Any], bool], ...] = (
     ("manifest", str, False), ("dtype", str, False), ("hooks", list, False),
     ("task.name", str, False), ("task.prompt_hash", str, False), ("task.n_examples", int, True),
     ("task.seq_len", int, True), ("task.arrays", dict, False), ("task.arrays.clean", list, False),

@@ -147,8 +147,16 @@ class ShardWriter:
     def _open(self) -> None:
         self._file = h5py.File(self.tmp, "w")
 
+    @property
+    def _open_file(self) -> h5py.File:
+        """The temporary file, for jobs queued after ``_open``; a job after ``_finish`` or
+        ``_drop`` is a bug in this class, reported as such rather than as a ``None`` attribute."""
+        if self._file is None:
+            raise RuntimeError(f"{self.tmp}: shard file is not open (a write queued after finish or abort)")
+        return self._file
+
     def _dataset(self, name: str, array: np.ndarray) -> h5py.Dataset:
-        f = self._file
+        f = self._open_file
         if name in f:
             return f[name]
         shape = (self.n_examples, *array.shape[1:])
@@ -185,14 +193,14 @@ class ShardWriter:
             # Fletcher-32 (HDF5's own checksum filter): a damaged value is a read error, not a
             # wrong number. It needs chunked storage, which a 0-d or empty dataset cannot have.
             checked = {"fletcher32": True} if array.ndim and array.size else {}
-            self._file.create_dataset(name, data=array, **checked)
+            self._open_file.create_dataset(name, data=array, **checked)
 
     def finish(self, provenance: dict[str, Any], then: Callable[[], None] | None = None) -> None:
         """Queue: provenance, flush, completion mark (last write), close, rename; then ``then``."""
         self.writer.submit(self._guarded, self._finish, provenance, then)
 
     def _finish(self, provenance: dict[str, Any], then: Callable[[], None] | None) -> None:
-        f = self._file
+        f = self._open_file
         f.attrs["format"] = SHARD_FORMAT
         f.attrs["step"] = int(provenance["step"])
         f.attrs["tokens_seen"] = int(provenance["tokens_seen"])
