@@ -7,7 +7,8 @@
 Files: ``functional.py`` (a forward over the bridge's weights where each edge is a switch),
 ``scoring.py`` (eap, eap-ig, patching), ``selection.py`` (top-n, threshold, greedy, prune),
 ``faithfulness.py`` (ablate outside the circuit), ``analysis.py`` (the sweep's per-step
-``circuit`` analysis), ``bench.py`` (timings against TL 4.3). Conventions: docs/discovery.md.
+``circuit`` analysis). Timings against TL 4.3: ``circuits/bench/discover.py``. Conventions:
+docs/discovery.md.
 """
 
 from __future__ import annotations
