@@ -95,6 +95,8 @@ def sweep(
     method: Annotated[str, typer.Option(help="Circuit discovery: none, eap, eap-ig or patching")] = "none",
     ig_steps: Annotated[int, typer.Option(help="eap-ig: interpolation steps m (Tigges et al. use 30)")] = 5,
     target: Annotated[float, typer.Option(help="Faithfulness the selected circuit must reach")] = 0.8,
+    resamples: Annotated[int, typer.Option(help="Bootstrap resamples of the prompts per step (circuit uncertainty, the stable circuit)")] = 20,
+    stable_share: Annotated[float, typer.Option(help="Share of resamples an edge must be in to belong to the stable circuit")] = 0.8,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar")] = False,
     executor: Annotated[str, typer.Option(help="Where steps run: local (this process) or ray (one task per step; docs/scaling.md)")] = "local",
     workers: Annotated[int | None, typer.Option(help="ray: steps in flight at once (default: the cluster's CPUs, or GPUs with --device cuda)")] = None,
@@ -106,6 +108,7 @@ def sweep(
 
     config = SweepConfig(steps=steps, hooks=hooks, dtype=dtype, batch_size=batch_size, device=device,
                          n_examples=n_examples, method=method, ig_steps=ig_steps, target=target,
+                         resamples=resamples, stable_share=stable_share,
                          progress=not no_progress, executor=executor, workers=workers, ray_address=ray_address)
     study = run_sweep(manifest, task, out, config)
     typer.echo(f"study {out}: {len(study.steps)} steps, {study.n_examples} prompts of {study.seq_len} tokens")
@@ -151,6 +154,9 @@ def summary(
     as_json: Annotated[bool, typer.Option("--json", help="Print the tracking as JSON (schema: docs/tracking.md)")] = False,
     figures: Annotated[Path | None, typer.Option(help="Also write HTML (and PNG) figures into this folder")] = None,
     no_png: Annotated[bool, typer.Option("--no-png", help="With --figures: HTML only, no PNG")] = False,
+    gap_z: Annotated[float, typer.Option(help="A step has a circuit only when its clean-corrupted gap is this many standard errors from 0")] = 3.0,
+    reproducible: Annotated[float, typer.Option(help="... and its resamples' circuits have at least this mean Jaccard against it")] = 0.6,
+    gap_floor: Annotated[float, typer.Option(help="... and its gap is at least this share of the study's largest gap")] = 0.0,
 ) -> None:
     """How the circuit forms over training: phase changes, emergence order, stability."""
     import json
@@ -158,7 +164,7 @@ def summary(
     from circuits.store import open_study
     from circuits.tracking import summary_text, track
 
-    tracking = track(open_study(study))
+    tracking = track(open_study(study), gap_z=gap_z, reproducible=reproducible, gap_floor=gap_floor)
     typer.echo(json.dumps(tracking.to_dict(), indent=1) if as_json else summary_text(tracking))
     if figures is not None:
         from circuits.figures import write_figures

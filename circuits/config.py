@@ -19,6 +19,10 @@ DTYPES = ("float16", "float32")
 SCORING_METHODS = ("eap", "eap-ig", "patching")
 METHODS = ("none", *SCORING_METHODS)
 EXECUTORS = ("local", "ray")
+# The bootstrap of each step's circuit (circuits.discovery.uncertainty): resamples of the
+# examples, and the share of them an edge must be in to belong to the stable circuit.
+RESAMPLES = 20
+STABLE_SHARE = 0.8
 
 
 def check_ig_steps(ig_steps: Any) -> None:
@@ -32,6 +36,16 @@ def check_target(target: Any, upper: float = 1.0) -> None:
     if isinstance(target, bool) or not isinstance(target, int | float) or not 0.0 < target <= upper:
         bounds = "above 0" if upper == float("inf") else f"in (0, {upper:g}]"
         raise CircuitsError(f"--target {target!r}: expected a faithfulness {bounds}, e.g. 0.8")
+
+
+def check_resamples(resamples: Any) -> None:
+    if isinstance(resamples, bool) or not isinstance(resamples, int) or resamples < 1:
+        raise CircuitsError(f"--resamples {resamples!r}: expected a whole number of resamples >= 1 (default {RESAMPLES})")
+
+
+def check_stable_share(share: Any) -> None:
+    if isinstance(share, bool) or not isinstance(share, int | float) or not 0.0 < share <= 1.0:
+        raise CircuitsError(f"--stable-share {share!r}: expected a share of resamples in (0, 1] (default {STABLE_SHARE})")
 
 
 def check_method(method: Any, choices: Sequence[str] = METHODS) -> None:
@@ -68,6 +82,8 @@ class SweepConfig:
     method: str = "none"
     ig_steps: int = 5
     target: float = 0.8
+    resamples: int = RESAMPLES
+    stable_share: float = STABLE_SHARE
     options: Mapping[str, Any] = field(default_factory=dict)
     progress: bool = True
     executor: str = "local"
@@ -91,6 +107,8 @@ class SweepConfig:
         check_method(self.method)
         check_ig_steps(self.ig_steps)
         check_target(self.target)
+        check_resamples(self.resamples)
+        check_stable_share(self.stable_share)
         check_device(self.device)
         self._check_executor()
 
@@ -108,7 +126,8 @@ class SweepConfig:
 
     def analysis_options(self) -> dict[str, Any]:
         """What every analysis reads from ``ctx.options`` (and what the study records)."""
-        return {"method": self.method, "ig_steps": self.ig_steps, "target": self.target, **self.options}
+        return {"method": self.method, "ig_steps": self.ig_steps, "target": self.target,
+                "resamples": self.resamples, "stable_share": self.stable_share, "seed": self.seed, **self.options}
 
     def with_settings(self, **settings: Any) -> SweepConfig:
         """This config with some settings replaced; an unknown name is refused by name."""

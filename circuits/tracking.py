@@ -74,6 +74,43 @@ def emergence_steps(masks: np.ndarray, steps: np.ndarray | list[int]) -> np.ndar
     return out
 
 
+MATERIAL = 0.1  # an edge's share of the step's effect is material at >= 10% of its final share, same sign
+
+
+def material_emergence(shares: np.ndarray, masks: np.ndarray, steps: np.ndarray | list[int],
+                       material: float = MATERIAL) -> np.ndarray:
+    """Per edge of the final circuit: the first step at which it is in the circuit and from which
+    its share of the effect stays material (>= ``material`` x its final share, same sign); -1 else.
+
+    ``shares`` [n_steps, ...] are edge scores divided by each step's gap (NaN where there is no
+    gap); ``masks`` the circuit at each step (empty where a step has none). Unlike staying in
+    the circuit at every later step, this does not reset on one step whose selection wavers.
+    """
+    shares = np.asarray(shares, dtype=float)
+    masks = np.asarray(masks, dtype=bool)
+    final = shares[-1]
+    with np.errstate(invalid="ignore"):
+        holds = np.nan_to_num(shares * np.sign(final), nan=-np.inf) >= material * np.abs(final)
+    stays = np.flip(np.logical_and.accumulate(np.flip(holds, 0), axis=0), 0)
+    candidates = stays & masks
+    out = np.asarray(steps)[np.argmax(candidates, axis=0)].astype(np.int64)
+    out[~(candidates.any(0) & masks[-1])] = -1
+    return out
+
+
+def node_emergence_from_edges(edge_emergence: np.ndarray, nodes: list[str], forward_names: list[str],
+                              backward_names: list[str]) -> np.ndarray:
+    """A node emerges with its first emerging edge (in or out); -1 when no edge of it is in the final circuit."""
+    out = np.full(len(nodes), -1, dtype=np.int64)
+    index = {n: i for i, n in enumerate(nodes)}
+    for r, c in zip(*np.nonzero(edge_emergence >= 0), strict=True):
+        step = int(edge_emergence[r, c])
+        for node in (forward_names[r], node_of(backward_names[c])):
+            i = index[node]
+            out[i] = step if out[i] < 0 else min(out[i], step)
+    return out
+
+
 # ---------------------------------------------------------------- nodes of the graph
 
 
@@ -208,6 +245,72 @@ def change_points(
     return out
 
 
+# ---------------------------------------------------------------- something to explain
+
+GAP_Z = 3.0  # a step has an effect to explain when its gap is this many standard errors from 0
+REPRODUCIBLE = 0.6  # ... and its circuit comes back under resampling (mean resample Jaccard)
+ROLE_FLOOR = 0.1  # a detector role is material when its top head rises this far above step 0
+
+
+@dataclass
+class Explanandum:
+    """Per step: is there an effect to explain, and is the circuit that explains it reproducible?
+
+    ``gap`` is the mean over prompts of (clean metric - corrupted metric), ``gap_se`` its
+    standard error (from the per-prompt differences), ``z = gap / gap_se``, ``share`` =
+    |gap| / the study's largest |gap|, ``reproducibility`` the mean Jaccard of the bootstrap
+    resamples' circuits against the step's circuit (NaN without a circuit). A step *has a
+    circuit* when |z| >= ``gap_z``, ``share`` >= ``gap_floor`` and, where a circuit was
+    searched, reproducibility >= ``reproducible``. Decided when reading, so a resumed or
+    growing study stays right.
+    """
+
+    gap: np.ndarray
+    gap_se: np.ndarray
+    z: np.ndarray
+    share: np.ndarray
+    reproducibility: np.ndarray
+    has_circuit: np.ndarray  # [n_steps] bool
+    gap_z: float = GAP_Z
+    reproducible: float = REPRODUCIBLE
+    gap_floor: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"rule": {"gap_z": self.gap_z, "reproducible": self.reproducible, "gap_floor": self.gap_floor},
+                "gap": _list(self.gap), "gap_se": _list(self.gap_se), "z": _list(self.z), "share": _list(self.share),
+                "reproducibility": _list(self.reproducibility), "has_circuit": _list(self.has_circuit)}
+
+
+def check_rule(gap_z: float, reproducible: float, gap_floor: float) -> None:
+    """Refuse thresholds outside their range, naming the setting."""
+    if not np.isfinite(gap_z) or gap_z < 0:
+        raise CircuitsError(f"--gap-z {gap_z}: expected a number of standard errors >= 0 (default {GAP_Z})")
+    if not 0.0 <= reproducible <= 1.0:
+        raise CircuitsError(f"--reproducible {reproducible}: expected a mean Jaccard in [0, 1] (default {REPRODUCIBLE})")
+    if not 0.0 <= gap_floor <= 1.0:
+        raise CircuitsError(f"--gap-floor {gap_floor}: expected a share of the largest gap in [0, 1] (default 0)")
+
+
+def explanandum(clean: np.ndarray, corrupted: np.ndarray, reproducibility: np.ndarray | None = None,
+                gap_z: float = GAP_Z, reproducible: float = REPRODUCIBLE, gap_floor: float = 0.0) -> Explanandum:
+    """The rule above from per-prompt metrics ``[n_steps, n_examples]`` (clean and corrupted)."""
+    check_rule(gap_z, reproducible, gap_floor)
+    diff = np.asarray(clean, dtype=float) - np.asarray(corrupted, dtype=float)
+    diff = diff.reshape(len(diff), -1)
+    n = diff.shape[1]
+    gap = diff.mean(1)
+    se = diff.std(1, ddof=1) / np.sqrt(n) if n > 1 else np.zeros_like(gap)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = np.where(se > 0, gap / se, np.where(gap == 0, 0.0, np.inf * np.sign(gap)))
+    largest = float(np.nanmax(np.abs(gap))) if len(gap) else 0.0
+    share = np.abs(gap) / largest if largest > 0 else np.zeros_like(gap)
+    repro = np.full(len(gap), np.nan) if reproducibility is None else np.asarray(reproducibility, dtype=float)
+    has = (np.abs(z) >= gap_z) & (share >= gap_floor)
+    if reproducibility is not None:
+        has &= np.nan_to_num(repro, nan=0.0) >= reproducible
+    return Explanandum(gap, se, z, share, repro, has, gap_z, reproducible, gap_floor)
+
+
 # ---------------------------------------------------------------- a whole study
 
 
@@ -248,6 +351,29 @@ class CircuitSeries:
 
 
 @dataclass
+class Role:
+    """A head's detector role over training: its score at the first and last step, and when it formed
+    (the first step from which the score stays past half-way from its step-0 value to its final one)."""
+
+    kind: str
+    head: str
+    start: float
+    end: float
+    formed: int | None
+    after_step: int | None  # the checkpoint before ``formed``: the window it formed in
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _formed_at(curve: np.ndarray, steps: np.ndarray) -> int | None:
+    halfway = curve[0] + 0.5 * (curve[-1] - curve[0])
+    past = np.nan_to_num((curve - halfway) * np.sign(curve[-1] - curve[0]), nan=-1.0) >= 0
+    stays = np.flip(np.logical_and.accumulate(np.flip(past)))
+    return int(steps[int(np.argmax(stays))]) if stays.any() else None
+
+
+@dataclass
 class Tracking:
     """Everything ``track(study)`` measures; ``to_dict()`` is the JSON form (docs/tracking.md)."""
 
@@ -258,6 +384,22 @@ class Tracking:
     circuit: CircuitSeries | None
     phases: list[ChangePoint]
     stability: dict[str, Any]
+    explained: Explanandum | None = None
+
+    def roles(self) -> list[Role]:
+        """Heads that take on a detector's role: their score rises at least ROLE_FLOOR above step 0
+        and at least half as far as the kind's strongest head (a flat detector has none)."""
+        out = []
+        for kind, scores in self.heads.items():
+            rise = scores[-1] - scores[0]
+            top = float(np.nanmax(rise)) if rise.size else 0.0
+            for layer, head in zip(*np.nonzero(rise >= max(ROLE_FLOOR, 0.5 * top)), strict=True):
+                curve = scores[:, layer, head]
+                formed = _formed_at(curve, self.steps)
+                name = head_name(int(layer), int(head))
+                out.append(Role(kind, name, float(curve[0]), float(curve[-1]), formed,
+                                None if formed is None else _step_before(self.steps, formed)))
+        return sorted(out, key=lambda r: (r.formed if r.formed is not None else 1 << 62, r.kind, r.head))
 
     def top_head(self, kind: str) -> tuple[int, int]:
         """(layer, head) with the highest final score for a detector kind."""
@@ -296,6 +438,8 @@ class Tracking:
             },
             "phases": [p.to_dict() for p in self.phases],
             "stability": self.stability,
+            "explained": None if self.explained is None else self.explained.to_dict(),
+            "roles": [r.to_dict() for r in self.roles()],
             "circuit": None,
         }
         c = self.circuit
@@ -311,9 +455,16 @@ class Tracking:
                 "edges_added": _list(c.edges_added),
                 "edges_removed": _list(c.edges_removed),
                 "node_emergence": [{"node": n, "step": s} for n, s in c.emergence_order()],
-                "edge_emergence": [{"edge": e, "step": s} for e, s in c.edge_emergence_order()],
+                "edge_emergence": [{"edge": e, "step": s, "after_step": _step_before(self.steps, s)}
+                                   for e, s in c.edge_emergence_order()],
             }
         return out
+
+
+def _step_before(steps: np.ndarray, step: int) -> int | None:
+    """The checkpoint before ``step``: with it, the window in which something emerged."""
+    i = int(np.searchsorted(steps, step))
+    return int(steps[i - 1]) if i > 0 else None
 
 
 def _list(x) -> Any:
@@ -331,12 +482,25 @@ def circuit_series(
     forward_names: list[str],
     backward_names: list[str],
     faithfulness: np.ndarray | None = None,
+    gap: np.ndarray | None = None,
 ) -> CircuitSeries:
-    """All circuit measures from stacked ``[n_steps, n_forward, n_backward]`` scores and masks."""
+    """All circuit measures from stacked ``[n_steps, n_forward, n_backward]`` scores and masks.
+
+    With each step's ``gap``, an edge emerges by :func:`material_emergence` on its share of the
+    gap, and a node with its first edge; without, at the first step from which it stays in
+    every later circuit (:func:`emergence_steps`).
+    """
     masks = np.asarray(in_circuit, dtype=bool)
     weights = np.abs(np.nan_to_num(np.asarray(scores, dtype=float))) * masks
     nodes, node_in = node_masks(masks, forward_names, backward_names)
     changes = np.array([(0, 0)] + [edit_distance(masks[i - 1], masks[i]) for i in range(1, len(masks))])
+    if gap is None:
+        edge_emergence, node_emergence = emergence_steps(masks, steps), emergence_steps(node_in, steps)
+    else:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            shares = np.asarray(scores, dtype=float) / np.asarray(gap, dtype=float)[:, None, None]
+        edge_emergence = material_emergence(shares, masks, steps)
+        node_emergence = node_emergence_from_edges(edge_emergence, nodes, list(forward_names), list(backward_names))
     return CircuitSeries(
         forward_names=list(forward_names),
         backward_names=list(backward_names),
@@ -350,8 +514,8 @@ def circuit_series(
         weighted_jaccard_final=against_final(weighted_jaccard, weights),
         edges_added=changes[:, 0],
         edges_removed=changes[:, 1],
-        node_emergence=emergence_steps(node_in, steps),
-        edge_emergence=emergence_steps(masks, steps),
+        node_emergence=node_emergence,
+        edge_emergence=edge_emergence,
         in_circuit=masks,
     )
 
@@ -389,8 +553,8 @@ def stability_after(c: CircuitSeries | None, steps: np.ndarray, after_step: int 
         "mean_jaccard_adjacent": float(jac.mean()) if len(jac) else None,
         "min_jaccard_adjacent": float(jac.min()) if len(jac) else None,
         "mean_weighted_jaccard_adjacent": float(weighted.mean()) if len(weighted) else None,
-        "final_circuit_complete_at": int(c.node_emergence[c.node_emergence >= 0].max())
-        if (c.node_emergence >= 0).any() else None,
+        "final_circuit_complete_at": int(c.edge_emergence[c.edge_emergence >= 0].max())
+        if (c.edge_emergence >= 0).any() else None,
     })
     return out
 
@@ -398,7 +562,8 @@ def stability_after(c: CircuitSeries | None, steps: np.ndarray, after_step: int 
 BOUNDED_FLOOR = 0.5  # scores and accuracies live in [0, 1]: a change is measured against at least half of it
 
 
-def track(study, min_share: float = 0.2) -> Tracking:
+def track(study, min_share: float = 0.2, gap_z: float = GAP_Z, reproducible: float = REPRODUCIBLE,
+          gap_floor: float = 0.0) -> Tracking:
     """Cross-checkpoint tracking of a study: curves, head scores, circuit measures, phases.
 
     Reads from the study (all optional except the steps): ``metric()``, ``loss()``,
@@ -407,7 +572,12 @@ def track(study, min_share: float = 0.2) -> Tracking:
     searched in the metric, the loss, every scalar progress curve and, per detector kind, the
     curve of the head with the highest final score; each phase carries the circuit changes
     inside its window.
+
+    The circuit tracked is the stable circuit (``circuit/stable``: edges in most bootstrap
+    resamples) at steps that have one by the rule of :class:`Explanandum` (``gap_z``,
+    ``reproducible``, ``gap_floor``); other steps have none, so nothing emerges there.
     """
+    check_rule(gap_z, reproducible, gap_floor)
     steps = np.asarray(study.steps)
     curves: dict[str, np.ndarray] = {}
     for name, getter in (("metric", "metric"), ("loss", "loss")):
@@ -423,12 +593,28 @@ def track(study, min_share: float = 0.2) -> Tracking:
             curves[key] = arr
     heads = {key.split("/", 1)[1]: np.asarray(study.array(key), dtype=float) for key in _keys(study, "heads")}
 
+    explained = None
+    if _has(study, "outputs/metric_clean") and _has(study, "outputs/metric_corrupted"):
+        repro = None
+        if _has(study, "circuit/resample_jaccard"):
+            repro = np.nanmean(np.asarray(study.array("circuit/resample_jaccard"), dtype=float), axis=1)
+        explained = explanandum(study.metric(per_example=True), study.metric_corrupted(per_example=True), repro,
+                                gap_z, reproducible, gap_floor)
+
     circuit = None
     if _has(study, "circuit/in_circuit"):
         forward_names, backward_names = _graph_names(study)
-        faith = np.asarray(study.array("circuit/faithfulness"), dtype=float) if _has(study, "circuit/faithfulness") else None
-        circuit = circuit_series(steps, study.array("circuit/scores"), study.array("circuit/in_circuit"),
-                                 forward_names, backward_names, faith)
+        stable = _has(study, "circuit/stable")
+        masks = np.asarray(study.array("circuit/stable" if stable else "circuit/in_circuit"), dtype=bool)
+        faith_key = "circuit/stable_faithfulness" if stable else "circuit/faithfulness"
+        faith = np.asarray(study.array(faith_key), dtype=float) if _has(study, faith_key) else None
+        if explained is not None:
+            masks = masks & explained.has_circuit[:, None, None]
+            if faith is not None:
+                faith = np.where(explained.has_circuit, faith, np.nan)
+        gap = None if explained is None else np.where(explained.has_circuit, explained.gap, np.nan)
+        circuit = circuit_series(steps, study.array("circuit/scores"), masks, forward_names, backward_names, faith,
+                                 gap)
         curves["circuit/n_edges"] = circuit.n_edges.astype(float)
         if faith is not None:
             curves["circuit/faithfulness"] = faith
@@ -454,7 +640,7 @@ def track(study, min_share: float = 0.2) -> Tracking:
     return Tracking(
         run=getattr(manifest, "name", "") or "",
         steps=steps, curves=curves, heads=heads, circuit=circuit, phases=phases,
-        stability=stability_after(circuit, steps, formed),
+        stability=stability_after(circuit, steps, formed), explained=explained,
     )
 
 
@@ -486,6 +672,61 @@ def _fmt(value: Any) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
+def _circuit_edges_of(c: CircuitSeries, head: str) -> str:
+    """'; reads k from a0.h2 @425, ...; feeds a1.h1<k> @425, ...' from the stable circuit's emergence."""
+    reads, feeds = [], []
+    for edge, step in c.edge_emergence_order():
+        writer, reader = edge.split("->")
+        port = parse_node(reader)
+        if port.node == head and port.port in ("q", "k"):
+            reads.append(f"{port.port} from {writer} @{step}")
+        if writer == head and port.port in ("q", "k"):
+            feeds.append(f"{reader} @{step}")
+    parts = ([f"reads {', '.join(reads)}"] if reads else []) + ([f"feeds {', '.join(feeds)}"] if feeds else [])
+    return "; " + "; ".join(parts) if parts else ""
+
+
+def _runs(steps: np.ndarray, flags: np.ndarray) -> list[tuple[int, int]]:
+    """Index ranges [a, b] of consecutive True flags."""
+    out, start = [], None
+    for i, flag in enumerate(flags):
+        if flag and start is None:
+            start = i
+        if not flag and start is not None:
+            out.append((start, i - 1))
+            start = None
+    if start is not None:
+        out.append((start, len(flags) - 1))
+    return out
+
+
+def _explained_lines(tracking: Tracking) -> list[str]:
+    """When there is something to explain, and how reproducible its circuit is."""
+    e = tracking.explained
+    if e is None:
+        return []
+    steps = tracking.steps
+
+    def at(i: int) -> str:
+        repro = "" if not np.isfinite(e.reproducibility[i]) else f", reproducibility {e.reproducibility[i]:.2f}"
+        return (f"gap {e.gap[i]:.3g} +- {e.gap_se[i]:.2g} (z {e.z[i]:.1f}, {e.share[i]:.1%} of the largest gap)"
+                f"{repro}")
+
+    lines = ["", f"something to explain (a circuit where |z| >= {e.gap_z:g}"
+             + (f" and the resamples' mean Jaccard >= {e.reproducible:g}" if np.isfinite(e.reproducibility).any()
+                else "") + (f" and the gap >= {e.gap_floor:.0%} of the largest" if e.gap_floor else "") + "):"]
+    for a, b in _runs(steps, ~e.has_circuit):
+        strongest = a + int(np.nanargmax(np.abs(e.z[a : b + 1])))
+        span = f"step {int(steps[a])}" if a == b else f"steps {int(steps[a])}-{int(steps[b])}"
+        lines.append(f"  no circuit yet at {span}; strongest at step {int(steps[strongest])}: {at(strongest)}")
+    with_circuit = np.nonzero(e.has_circuit)[0]
+    if len(with_circuit):
+        first, last = int(with_circuit[0]), len(steps) - 1
+        lines.append(f"  first circuit at step {int(steps[first])}: {at(first)}")
+        lines.append(f"  last step {int(steps[last])}: {at(last)}")
+    return lines
+
+
 def summary_text(tracking: Tracking) -> str:
     """The report ``circuits summary`` prints: phases, emergence order, stability."""
     steps = tracking.steps
@@ -494,6 +735,7 @@ def summary_text(tracking: Tracking) -> str:
                      if k in ("metric", "loss", "progress/icl_score", "progress/test_acc", "circuit/n_edges"))
     if ends:
         lines.append(f"  {ends}")
+    lines += _explained_lines(tracking)
     lines.append("")
     lines.append("phase changes (window = checkpoints bounding the change):")
     if not tracking.phases:
@@ -509,18 +751,25 @@ def summary_text(tracking: Tracking) -> str:
                 line += f", nodes emerging: {', '.join(change['nodes_emerged'])}"
         lines.append(line)
     lines.append("")
-    lines.append("head detectors (head with the highest final score):")
-    for kind, scores in tracking.heads.items():
-        layer, head = tracking.top_head(kind)
-        curve = scores[:, layer, head]
-        line = f"  {kind:<17} {head_name(layer, head)}: {_fmt(float(curve[0]))} -> {_fmt(float(curve[-1]))}"
+    lines.append(f"head roles (score rising >= {ROLE_FLOOR} above step 0 and >= half the strongest head's rise; "
+                 "formed = first step past half-way for good):")
+    roles = tracking.roles()
+    if tracking.heads and not roles:
+        lines.append("  none: every detector stays flat")
+    for role in roles:
+        line = (f"  {role.head} {role.kind}: {_fmt(role.start)} -> {_fmt(role.end)}, formed at step "
+                f"{_fmt(role.formed)} (after {_fmt(role.after_step)})")
         if tracking.circuit is not None:
-            line += f"; in the circuit from step {_fmt(tracking.head_emergence(kind))}"
+            line += _circuit_edges_of(tracking.circuit, role.head)
         lines.append(line)
     c = tracking.circuit
     if c is not None:
         lines.append("")
-        lines.append("emergence order of the final circuit's nodes (step from which each stays):")
+        lines.append("emergence of the final stable circuit's edges (step from which each stays, at steps with a "
+                     "circuit; after = the checkpoint before):")
+        edges = c.edge_emergence_order()
+        lines += [f"  {e} @{s} (after {_fmt(_step_before(steps, s))})" for e, s in edges] or ["  (none)"]
+        lines.append("nodes (a node is in when any of its edges is):")
         order = c.emergence_order()
         lines.append("  " + (", ".join(f"{n} @{s}" for n, s in order) if order else "(the final circuit is empty)"))
         s = tracking.stability

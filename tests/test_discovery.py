@@ -211,6 +211,33 @@ def test_patching_sums_and_eap_ig_steps(native_attn):
     np.testing.assert_allclose(score_eap_ig(fm, task, 4, ig_chunk=1), score_eap_ig(fm, task, 4), rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("method", ["eap", "eap-ig", "patching"])
+def test_each_examples_scores_equal_scoring_that_example_alone(native_attn, method):
+    from circuits.discovery.scoring import score_edges_per_example
+    from circuits.tasks import induction_task
+
+    task = induction_task(4, half_len=6, vocab=64)
+    per_example = score_edges_per_example(native_attn, task, method, ig_steps=3)
+    assert per_example.shape == (4, *GraphSpec.from_model(native_attn).shape)
+    for i in (0, 3):
+        alone = score_edges(native_attn, task.slice(i, i + 1), method, ig_steps=3)
+        np.testing.assert_allclose(per_example[i], alone, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(score_edges(native_attn, task, method, ig_steps=3), per_example.mean(0), rtol=1e-5, atol=1e-7)
+
+
+def test_discover_bootstraps_and_measures_the_stable_circuit(native_attn):
+    from circuits.tasks import induction_task
+
+    task = induction_task(8, half_len=8, vocab=64)
+    result = discover(native_attn, task, method="eap", resamples=6, gap_z=0.0)
+    u = result.uncertainty
+    assert u is not None and u.resample_jaccard.shape == (6,) and u.inclusion.shape == result.scores.shape
+    assert not (u.stable & ~GraphSpec.from_model(native_attn).valid).any()
+    assert u.stable_faithfulness == pytest.approx(float(faithfulness(native_attn, task, u.stable, gap_z=0.0)), abs=1e-5)
+    with pytest.raises(CircuitsError, match="--resamples -1: expected a whole number"):
+        discover(native_attn, task, method="eap", resamples=-1)
+
+
 def test_selection_prune_greedy_threshold():
     spec = GraphSpec(2, 2, has_mlp=False)
     scores = np.zeros(spec.shape)

@@ -18,11 +18,18 @@ from typing import TypeVar
 
 import numpy as np
 
-from circuits.config import check_target
+from circuits.config import STABLE_SHARE, check_resamples, check_stable_share, check_target
 from circuits.discovery import selection as sel
 from circuits.discovery.faithfulness import GAP_TOL, GAP_Z, Evaluator, faithfulness
 from circuits.discovery.functional import FunctionalModel
-from circuits.discovery.scoring import METHODS, check_scoring, check_task, score_edges
+from circuits.discovery.scoring import (
+    METHODS,
+    check_scoring,
+    check_task,
+    score_edges,
+    score_edges_per_example,
+)
+from circuits.discovery.uncertainty import CircuitUncertainty, resample_circuits
 from circuits.errors import CircuitsError
 from circuits.graph import GraphSpec, to_digraph
 from circuits.tasks import Task
@@ -58,6 +65,8 @@ class CircuitResult:
     reached: bool | None = None
     gap_nil: bool = False
     message: str = ""
+    size: int | None = None  # the top-n / greedy n that selected the circuit (None for a threshold)
+    uncertainty: CircuitUncertainty | None = None  # the bootstrap over examples, when asked for
     tried: list[tuple[int, float]] = field(default_factory=list)
 
     @property
@@ -76,16 +85,27 @@ class CircuitResult:
         return to_digraph(self.spec, self.scores, self.in_circuit, only_circuit=only_circuit, graph_attrs=attrs)
 
 
+@dataclass
+class FaithfulSearch:
+    """What ``smallest_faithful`` found: the circuit, the size n that selected it, and each size tried."""
+
+    mask: np.ndarray
+    faithfulness: float
+    reached: bool
+    tried: list[tuple[int, float]]
+    size: int
+
+
 def smallest_faithful(evaluator: Evaluator, scores: np.ndarray, target: float = 0.8, grow: str = "topn",
-                      max_edges: int | None = None, absolute: bool = True):
+                      max_edges: int | None = None, absolute: bool = True) -> FaithfulSearch:
     """The smallest top-n (or greedy) circuit whose faithfulness reaches ``target``.
 
     Sizes 1, 2, 4, ... up to ``max_edges`` (default: all edges) are evaluated in batched
     forwards, then the gap between the last size below target and the first above it is
     bisected (faithfulness need not be monotone in n, so this finds *a* boundary, as
-    Tigges et al.'s search does). Returns (mask, faithfulness, reached, tried); when no size
-    reaches the target, the most faithful circuit found is returned with ``reached`` False.
-    A nil metric gap returns the empty circuit, NaN and False.
+    Tigges et al.'s search does). When no size reaches the target, the most faithful circuit
+    found is returned with ``reached`` False. A nil metric gap returns the empty circuit, NaN
+    and False.
     """
     spec = evaluator.fm.spec
     total = spec.n_edges
@@ -96,7 +116,7 @@ def smallest_faithful(evaluator: Evaluator, scores: np.ndarray, target: float = 
         return pick(spec, scores, n, absolute=absolute)
 
     if evaluator.gap_nil:
-        return np.zeros(spec.shape, dtype=bool), float("nan"), False, []
+        return FaithfulSearch(np.zeros(spec.shape, dtype=bool), float("nan"), False, [], 0)
     sizes = sorted({min(2**i, limit) for i in range(int(np.ceil(np.log2(limit))) + 1)} | {limit})
     masks = np.stack([circuit(n) for n in sizes])
     faith = evaluator.faithfulness(masks)
@@ -104,9 +124,9 @@ def smallest_faithful(evaluator: Evaluator, scores: np.ndarray, target: float = 
     hits = np.nonzero(faith >= target)[0]
     if len(hits) == 0:
         best = int(np.nanargmax(faith))
-        return masks[best], float(faith[best]), False, tried
+        return FaithfulSearch(masks[best], float(faith[best]), False, tried, sizes[best])
     first = int(hits[0])
-    best_mask, best_faith = masks[first], float(faith[first])
+    best_mask, best_faith, best_size = masks[first], float(faith[first]), sizes[first]
     lo, hi = (sizes[first - 1] if first > 0 else 0), sizes[first]
     while hi - lo > 1:  # at most log2(limit) forwards
         mid = (lo + hi) // 2
@@ -114,10 +134,10 @@ def smallest_faithful(evaluator: Evaluator, scores: np.ndarray, target: float = 
         f = float(evaluator.faithfulness(mask))
         tried.append((int(mask.sum()), f))
         if f >= target:
-            hi, best_mask, best_faith = mid, mask, f
+            hi, best_mask, best_faith, best_size = mid, mask, f, mid
         else:
             lo = mid
-    return best_mask, best_faith, True, tried
+    return FaithfulSearch(best_mask, best_faith, True, tried, best_size)
 
 
 _T = TypeVar("_T")
@@ -146,6 +166,9 @@ def discover(
     gap_tol: float = GAP_TOL,
     gap_z: float = GAP_Z,
     scores: np.ndarray | None = None,
+    resamples: int = 0,
+    stable_share: float = STABLE_SHARE,
+    seed: int = 0,
 ) -> CircuitResult:
     """Score every edge of ``model`` on ``task``, select a circuit, measure its faithfulness.
 
@@ -155,6 +178,10 @@ def discover(
     input-to-logits path. ``ablation``: "corrupt" or "mean"; ``gap_tol`` / ``gap_z`` decide
     when the clean-baseline gap is nil (see faithfulness.py).
     Pass ``scores`` to reuse edge scores already computed for this model and task.
+    ``resamples`` > 0 bootstraps the examples that many times (seeded by ``seed``): each
+    resample selects by the same rule and size, and ``uncertainty`` holds each edge's inclusion
+    frequency and score standard error, the resamples' Jaccard against this circuit, and the
+    stable circuit (edges in >= ``stable_share`` of them; see uncertainty.py).
     """
     check_scoring(method, ig_steps)
     if selection not in SELECTIONS:
@@ -169,15 +196,23 @@ def discover(
         _given(threshold, needs_threshold)
     if selection == "faithful":
         check_target(target, upper=float("inf"))  # a circuit may beat the full model: targets above 1 search on
+    if resamples:
+        check_resamples(resamples)
+        check_stable_share(stable_share)
+        if scores is not None:
+            raise CircuitsError("resamples need the per-example scores: leave scores unset to bootstrap")
     check_task(model, task)
     fm = model if isinstance(model, FunctionalModel) else FunctionalModel(model)
     spec = fm.spec
+    per_example = None
     if scores is None:
-        scores = score_edges(fm, task, method, ig_steps)
+        per_example = score_edges_per_example(fm, task, method, ig_steps)
+        scores = per_example.mean(0, dtype=np.float64).astype(np.float32)
     evaluator = Evaluator(fm, task, ablation, gap_tol, gap_z)
-    reached, message, tried = None, "", []
+    reached, message, tried, size = None, "", [], None
     if selection == "faithful":
-        mask, faith, reached, tried = smallest_faithful(evaluator, scores, target, grow, max_edges, absolute)
+        search = smallest_faithful(evaluator, scores, target, grow, max_edges, absolute)
+        mask, faith, reached, tried, size = search.mask, search.faithfulness, search.reached, search.tried, search.size
         if evaluator.gap_nil:
             message = (f"nil metric gap: clean {evaluator.metric_clean:.4g} vs baseline {evaluator.baseline:.4g} "
                        f"(|gap| below {gap_tol} or {gap_z} standard errors, {evaluator.gap_se:.2g}); "
@@ -187,18 +222,39 @@ def discover(
                        f"returning the most faithful one found ({int(mask.sum())} edges, {faith:.3f})")
     else:
         if selection == "topn":
-            mask = sel.top_n(spec, scores, int(_given(n_edges, needs_n_edges)), absolute)
+            size = int(_given(n_edges, needs_n_edges))
+            mask = sel.top_n(spec, scores, size, absolute)
         elif selection == "greedy":
-            mask = sel.greedy(spec, scores, int(_given(n_edges, needs_n_edges)), absolute)
+            size = int(_given(n_edges, needs_n_edges))
+            mask = sel.greedy(spec, scores, size, absolute)
         else:
             mask = sel.threshold(spec, scores, float(_given(threshold, needs_threshold)), absolute)
         faith = float(evaluator.faithfulness(mask))
         if evaluator.gap_nil:
             message = "nil metric gap: faithfulness is undefined (NaN)"
+    uncertainty = None
+    if resamples and per_example is not None:
+        uncertainty = _bootstrap(spec, per_example, mask, selection, grow, size, threshold, absolute, resamples,
+                                 stable_share, seed)
+        uncertainty.stable_faithfulness = float(evaluator.faithfulness(uncertainty.stable))
     return CircuitResult(
         scores=np.asarray(scores, dtype=np.float32), in_circuit=mask.astype(bool), faithfulness=float(faith),
         n_edges=int(mask.sum()), metric_clean=evaluator.metric_clean, metric_corrupted=evaluator.metric_corrupted,
         method=method, spec=spec, selection=selection, ablation=ablation,
         target=target if selection == "faithful" else None, reached=reached, gap_nil=evaluator.gap_nil,
-        message=message, tried=tried,
+        message=message, tried=tried, size=size, uncertainty=uncertainty,
     )
+
+
+def _bootstrap(spec: GraphSpec, per_example: np.ndarray, mask: np.ndarray, selection: str, grow: str,
+               size: int | None, threshold: float | None, absolute: bool, resamples: int, stable_share: float,
+               seed: int) -> CircuitUncertainty:
+    """Resample the examples and select each time by the rule and size that chose ``mask``."""
+    rule = grow if selection == "faithful" else selection
+    if rule == "threshold":
+        level = float(_given(threshold, "selection 'threshold' needs threshold"))
+        return resample_circuits(per_example, mask, lambda s: sel.threshold(spec, s, level, absolute), resamples,
+                                 stable_share, seed)
+    pick = sel.greedy if rule == "greedy" else sel.top_n
+    n = int(size or 0)
+    return resample_circuits(per_example, mask, lambda s: pick(spec, s, n, absolute), resamples, stable_share, seed)

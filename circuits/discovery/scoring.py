@@ -24,8 +24,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import einops
 import numpy as np
 import torch
+from jaxtyping import Float
+from torch import Tensor
 
 from circuits.config import SCORING_METHODS as METHODS
 from circuits.config import check_ig_steps, check_method
@@ -60,15 +63,18 @@ def reference_runs(fm: FunctionalModel, task: Task):
     return clean, corrupt
 
 
-def _scores(delta: torch.Tensor, grads: torch.Tensor, fm: FunctionalModel, n_examples: int) -> np.ndarray:
-    products = (delta.flatten(1) @ grads.flatten(1).T) / n_examples  # [n_forward, n_backward]
+def _per_example_scores(delta: Float[Tensor, "n_forward batch pos d_model"],
+                        grads: Float[Tensor, "n_backward batch pos d_model"],
+                        fm: FunctionalModel) -> Float[np.ndarray, "batch n_forward n_backward"]:
+    """Each example's attribution of each edge: (corrupted - clean writer output) . d metric / d port input."""
+    products = einops.einsum(delta, grads, "f n p d, b n p d -> n f b")
     scores = products.float().cpu().numpy()
-    scores[~fm.spec.valid] = 0.0
+    scores[:, ~fm.spec.valid] = 0.0
     return scores
 
 
 def score_eap(fm: FunctionalModel, task: Task) -> np.ndarray:
-    """EAP: 2 forwards (one with gradients) and 1 backward for the whole batch."""
+    """EAP: 2 forwards (one with gradients) and 1 backward for the whole batch; per example."""
     with torch.no_grad():
         corrupt = fm.run(task.corrupted.to(fm.device))
     positions, local = at_answer_positions(task)
@@ -76,11 +82,11 @@ def score_eap(fm: FunctionalModel, task: Task) -> np.ndarray:
     clean_logits = clean.logits.detach()
     value = _metric(clean.logits, local, clean_logits).sum()
     grads = fm.port_grads(clean, value)
-    return _scores(corrupt.writers - clean.writers.detach(), grads, fm, task.n_examples)
+    return _per_example_scores(corrupt.writers - clean.writers.detach(), grads, fm)
 
 
 def score_eap_ig(fm: FunctionalModel, task: Task, steps: int = 5, ig_chunk: int | None = None) -> np.ndarray:
-    """EAP-IG with ``steps`` interpolation points between corrupted (0) and clean (1) inputs."""
+    """EAP-IG with ``steps`` interpolation points between corrupted (0) and clean (1) inputs; per example."""
     check_ig_steps(steps)
     clean_run, corrupt_run = reference_runs(fm, task)
     clean_in, corrupt_in = clean_run.writers[0], corrupt_run.writers[0]
@@ -103,7 +109,7 @@ def score_eap_ig(fm: FunctionalModel, task: Task, steps: int = 5, ig_chunk: int 
         grad_sum = grads if grad_sum is None else grad_sum + grads
     if grad_sum is None:  # unreachable: check_ig_steps made steps >= 1, so the loop ran
         raise CircuitsError(f"eap-ig ran no interpolation step (steps={steps})")
-    return _scores(corrupt_run.writers - clean_run.writers, grad_sum / steps, fm, n)
+    return _per_example_scores(corrupt_run.writers - clean_run.writers, grad_sum / steps, fm)
 
 
 def _repeat(task: Task, k: int) -> Task:
@@ -127,7 +133,8 @@ def _default_chunk(fm: FunctionalModel, task: Task, copies: int, budget: float |
 
 @torch.no_grad()
 def score_patching(fm: FunctionalModel, task: Task, edges_per_forward: int | None = None) -> np.ndarray:
-    """Exact: for every edge, the metric change when its reader gets the corrupted writer output."""
+    """Exact, per example: for every edge, the metric change when its reader gets the corrupted
+    writer output."""
     spec = fm.spec
     pairs = np.argwhere(spec.valid)
 
@@ -138,8 +145,8 @@ def score_patching(fm: FunctionalModel, task: Task, edges_per_forward: int | Non
         return masks
 
     chunk = edges_per_forward or _default_chunk(fm, task, len(pairs), budget=5e7)
-    scores = np.zeros(spec.shape, dtype=np.float32)
-    scores[pairs[:, 0], pairs[:, 1]] = _corruption_effects(fm, task, len(pairs), one_edge_each, chunk)
+    scores = np.zeros((task.n_examples, *spec.shape), dtype=np.float32)
+    scores[:, pairs[:, 0], pairs[:, 1]] = _corruption_effects(fm, task, len(pairs), one_edge_each, chunk).T
     return scores
 
 
@@ -154,16 +161,18 @@ def patch_nodes(model_or_fm, task: Task) -> np.ndarray:
         masks[torch.arange(stop - start), torch.arange(start, stop)] = 1.0  # invalid pairs are masked inside run
         return masks
 
-    return _corruption_effects(fm, task, fm.spec.n_forward, one_writer_each, _default_chunk(fm, task, fm.spec.n_forward))
+    chunk = _default_chunk(fm, task, fm.spec.n_forward)
+    return _corruption_effects(fm, task, fm.spec.n_forward, one_writer_each, chunk).mean(1)
 
 
 def _corruption_effects(fm: FunctionalModel, task: Task, n: int, masks: Callable[[int, int], torch.Tensor],
                         chunk: int) -> np.ndarray:
-    """float32 [n]: mean metric with ``masks(start, stop)`` corrupted, minus the clean metric."""
+    """float32 [n, n_examples]: each example's metric with ``masks(start, stop)`` corrupted, minus
+    its clean metric."""
     clean_run, corrupt_run = reference_runs(fm, task)
-    base = _metric(clean_run.logits, task, clean_run.logits).mean()
+    base = _metric(clean_run.logits, task, clean_run.logits)
     ablator = Ablator(fm, task, corrupt_run.writers, clean_run.logits)
-    effects = [ablator.metrics(masks(start, min(start + chunk, n))) - base for start in range(0, n, chunk)]
+    effects = [ablator.per_example(masks(start, min(start + chunk, n))) - base for start in range(0, n, chunk)]
     return torch.cat(effects).float().cpu().numpy()
 
 
@@ -179,16 +188,27 @@ class Ablator:
         self.clean_at = clean_logits[:, self.positions]
 
     @torch.no_grad()
-    def metrics(self, masks: torch.Tensor) -> torch.Tensor:
-        """[k, n_forward, n_backward] masks (1 = ablated) -> [k] mean metrics."""
+    def per_example(self, masks: torch.Tensor) -> torch.Tensor:
+        """[k, n_forward, n_backward] masks (1 = ablated) -> [k, n_examples] metrics."""
         k = masks.shape[0]
         run = self.fm.run(self.tokens, ablate=masks, reference=self.reference, logit_positions=self.positions)
         values = _metric(run.logits, _repeat(self.answers, k), self.clean_at.repeat(k, 1, 1))
-        return values.view(k, self.task.n_examples).mean(1)
+        return values.view(k, self.task.n_examples)
+
+    def metrics(self, masks: torch.Tensor) -> torch.Tensor:
+        """[k, n_forward, n_backward] masks (1 = ablated) -> [k] mean metrics."""
+        return self.per_example(masks).mean(1)
 
 
 def score_edges(model_or_fm, task: Task, method: str = "eap-ig", ig_steps: int = 5) -> np.ndarray:
-    """float32 [n_forward, n_backward] edge scores by ``method`` (eap, eap-ig, patching)."""
+    """float32 [n_forward, n_backward] edge scores by ``method`` (eap, eap-ig, patching): the mean
+    over examples of :func:`score_edges_per_example`."""
+    return score_edges_per_example(model_or_fm, task, method, ig_steps).mean(0, dtype=np.float64).astype(np.float32)
+
+
+def score_edges_per_example(model_or_fm, task: Task, method: str = "eap-ig", ig_steps: int = 5
+                            ) -> Float[np.ndarray, "n_examples n_forward n_backward"]:
+    """float32 edge scores of each example by ``method``; their mean is the edge's score."""
     fm = model_or_fm if isinstance(model_or_fm, FunctionalModel) else FunctionalModel(model_or_fm)
     check_scoring(method, ig_steps)
     if method == "eap":

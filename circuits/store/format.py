@@ -18,10 +18,12 @@ import numpy as np
 from circuits import chunks
 from circuits.errors import first_line
 
+# /3: each step's circuit carries its bootstrap (circuit/score_se, inclusion, resample_jaccard,
+# stable, stable_faithfulness) and the study records the settings behind it.
 # /2: attention patterns stored as their lower triangle (format /1 held the full square).
-SHARD_FORMAT = "circuits-shard/2"
-STUDY_FORMAT = "circuits-study/2"
-INDEX_FORMAT = "circuits-index/2"
+SHARD_FORMAT = "circuits-shard/3"
+STUDY_FORMAT = "circuits-study/3"
+INDEX_FORMAT = "circuits-index/3"
 STUDY_FILE = "study.json"
 INDEX_FILE = "index.h5"
 SHARD_DIR = "shards"
@@ -125,5 +127,5 @@ def format_error(path: Path, what: str, found: Any, expected: str) -> str:
     """The line refusing a file of another format: says when it is only another circuits version."""
     if isinstance(found, str) and found.split("/")[0] == expected.split("/")[0]:
         return (f"{path}: a {what} of another circuits version (format {found!r}, this version reads {expected!r}); "
-                "sweep again into a new folder")
+                "sweep again into a new folder (`circuits sweep RUN --task TASK --out NEW_FOLDER`) to redo it")
     return f"{path}: not a circuits {what} (format {found!r}, expected {expected!r})"
