@@ -23,6 +23,10 @@ EXECUTORS = ("local", "ray")
 # examples, and the share of them an edge must be in to belong to the stable circuit.
 RESAMPLES = 20
 STABLE_SHARE = 0.8
+# How far to trust the method (circuits.discovery.trust): exact patching at this many of the
+# selected steps (the last included), where the graph has at most this many edges.
+TRUST_STEPS = 5
+TRUST_MAX_EDGES = 2000
 
 
 def check_ig_steps(ig_steps: Any) -> None:
@@ -46,6 +50,15 @@ def check_resamples(resamples: Any) -> None:
 def check_stable_share(share: Any) -> None:
     if isinstance(share, bool) or not isinstance(share, int | float) or not 0.0 < share <= 1.0:
         raise CircuitsError(f"--stable-share {share!r}: expected a share of resamples in (0, 1] (default {STABLE_SHARE})")
+
+
+def check_trust(trust_steps: Any, trust_max_edges: Any) -> None:
+    """Both whole numbers >= 0 (0 turns the trust check off)."""
+    for option, value, default in (("--trust-steps", trust_steps, TRUST_STEPS),
+                                   ("--trust-max-edges", trust_max_edges, TRUST_MAX_EDGES)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise CircuitsError(f"{option} {value!r}: expected a whole number >= 0 (default {default}; 0 turns the "
+                                "check against exact patching off)")
 
 
 def check_method(method: Any, choices: Sequence[str] = METHODS) -> None:
@@ -84,6 +97,8 @@ class SweepConfig:
     target: float = 0.8
     resamples: int = RESAMPLES
     stable_share: float = STABLE_SHARE
+    trust_steps: int = TRUST_STEPS
+    trust_max_edges: int = TRUST_MAX_EDGES
     options: Mapping[str, Any] = field(default_factory=dict)
     progress: bool = True
     executor: str = "local"
@@ -109,6 +124,7 @@ class SweepConfig:
         check_target(self.target)
         check_resamples(self.resamples)
         check_stable_share(self.stable_share)
+        check_trust(self.trust_steps, self.trust_max_edges)
         check_device(self.device)
         self._check_executor()
 
@@ -127,7 +143,8 @@ class SweepConfig:
     def analysis_options(self) -> dict[str, Any]:
         """What every analysis reads from ``ctx.options`` (and what the study records)."""
         return {"method": self.method, "ig_steps": self.ig_steps, "target": self.target,
-                "resamples": self.resamples, "stable_share": self.stable_share, "seed": self.seed, **self.options}
+                "resamples": self.resamples, "stable_share": self.stable_share, "seed": self.seed,
+                "trust_steps": self.trust_steps, "trust_max_edges": self.trust_max_edges, **self.options}
 
     def with_settings(self, **settings: Any) -> SweepConfig:
         """This config with some settings replaced; an unknown name is refused by name."""

@@ -66,6 +66,23 @@ def select_steps(spec: str | None, schedule: list[int]) -> list[int]:
         raise CircuitsError(f"step selection {spec!r}: {err}") from None
 
 
+def spread_steps(selected: list[int], n: int) -> list[int]:
+    """``n`` of the ``selected`` steps spread evenly over them by position, first and last
+    included (``n`` = 1: the last); all of them when there are at most ``n``; none when ``n`` <= 0.
+
+    The sweep uses it to choose where the circuit's scores are checked against exact patching.
+    """
+    steps = sorted(set(int(s) for s in selected))
+    if n <= 0 or not steps:
+        return []
+    if n >= len(steps):
+        return steps
+    if n == 1:
+        return [steps[-1]]
+    last = len(steps) - 1  # position i * last / (n - 1), rounded half up, in integers
+    return sorted({steps[(2 * i * last + (n - 1)) // (2 * (n - 1))] for i in range(n)})
+
+
 def _positive_int(text: str, spec: str) -> int:
     if not text.strip().isdigit() or int(text) < 1:
         raise CircuitsError(f"step selection {spec!r}: expected a positive integer after ':', got {text!r}")

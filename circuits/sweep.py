@@ -30,7 +30,7 @@ from circuits.executors import (
     make_executor,
 )
 from circuits.manifest import Manifest, load_manifest
-from circuits.steps import select_steps
+from circuits.steps import select_steps, spread_steps
 from circuits.tasks import Task, make_task
 from circuits.visit import (
     Analysis,
@@ -162,7 +162,8 @@ def sweep(
         runner = make_executor(config)
     try:
         prepared = _prepare(manifest, task, out, config, tuple(analyses), existing, (pending or selected)[0],
-                            reuse_model=isinstance(runner, LocalExecutor))
+                            reuse_model=isinstance(runner, LocalExecutor),
+                            trust_at=spread_steps(selected, config.trust_steps))
         _move_aside(landed.damaged)
         if not (out / store.INDEX_FILE).exists() or not pending:
             store.write_index(out, landed.layouts, landed.tokens, prepared.index_provenance)
@@ -185,8 +186,11 @@ class _Prepared:
 
 def _prepare(manifest: Manifest, task: str | Task, out: Path, config: SweepConfig,
              analyses: tuple[tuple[str, Analysis], ...], existing: dict[str, Any] | None, probe_step: int,
-             reuse_model: bool) -> _Prepared:
+             reuse_model: bool, trust_at: list[int]) -> _Prepared:
     """The task, the hooks and study.json, from the model of the first step to visit.
+
+    ``trust_at``: the selected steps at which the circuit analysis checks its scores against
+    exact patching (``options["trust_at"]``; recorded in each shard's provenance).
 
     Only the local executor reuses that model; for Ray it is loaded on the CPU, leaving GPUs
     to the workers.
@@ -211,7 +215,7 @@ def _prepare(manifest: Manifest, task: str | Task, out: Path, config: SweepConfi
     index_provenance = {k: v for k, v in record.items() if k != "task"}
     plan = VisitPlan(manifest=manifest, task=task, hooks=hook_names, dtype=config.dtype,
                      batch_size=config.batch_size, device=config.device, analyses=analyses,
-                     options=config.analysis_options())
+                     options=config.analysis_options() | {"trust_at": trust_at})
     spec = StepSpec(plan=plan, out=out, record=step_record(record), fault=faults.current())
     return _Prepared(spec, index_provenance, model if reuse_model else None)
 

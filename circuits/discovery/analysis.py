@@ -2,28 +2,42 @@
 
 Options read from ``ctx.options``: ``method`` (eap-ig), ``ig_steps`` (5), ``target`` (0.8),
 ``ablation`` (corrupt), ``max_edges`` (all), ``resamples`` (20; the bootstrap over examples,
-see uncertainty.py), ``stable_share`` (0.8), ``seed`` (0). Every array has the same shape at
+see uncertainty.py), ``stable_share`` (0.8), ``seed`` (0), ``trust_at`` (the steps at which
+to check the scores against exact patching; the sweep spreads ``trust_steps`` of its selected
+steps, the last included) and ``trust_max_edges`` (2000). Every array has the same shape at
 every step.
+
+``trust``: float32 [8], ``[spearman_signed, spearman_abs, topk_overlap, k, top10_overlap,
+worst_rank, poor, n_edges]`` (circuits.discovery.trust.TRUST_FIELDS): the method's scores
+against exact patching at this step, with k the circuit's size; all NaN where not checked
+(a step not in ``trust_at``, the method is already patching, or the graph has more than
+``trust_max_edges`` edges). Poor (1.0): k >= 1 and the top-k overlap is below 0.7 or a
+circuit edge is ranked beyond k by exact patching.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from circuits.config import RESAMPLES, STABLE_SHARE
+from circuits.config import RESAMPLES, STABLE_SHARE, TRUST_MAX_EDGES
 from circuits.discovery import discover
+from circuits.discovery.functional import FunctionalModel
+from circuits.discovery.trust import not_checked, trust_check
 from circuits.errors import CircuitsError
 
 
 def circuit_analysis(ctx) -> dict:
     """The circuit and its bootstrap: ``scores``, ``in_circuit``, ``faithfulness``, ``n_edges``,
     ``metric_clean``, ``metric_corrupted``, ``n_edges_total``, ``score_se``, ``inclusion``,
-    ``resample_jaccard`` [resamples], ``stable`` (the stable circuit) and its ``stable_faithfulness``."""
+    ``resample_jaccard`` [resamples], ``stable`` (the stable circuit) and its ``stable_faithfulness``,
+    ``trust`` (the scores against exact patching; NaN where not checked)."""
     options = ctx.options or {}
+    fm = FunctionalModel(ctx.model)
+    method = options.get("method", "eap-ig")
     result = discover(
-        ctx.model,
+        fm,
         ctx.task,
-        method=options.get("method", "eap-ig"),
+        method=method,
         ig_steps=int(options.get("ig_steps", 5)),
         target=float(options.get("target", 0.8)),
         ablation=options.get("ablation", "corrupt"),
@@ -35,6 +49,10 @@ def circuit_analysis(ctx) -> dict:
     uncertainty = result.uncertainty
     if uncertainty is None:
         raise CircuitsError("circuit analysis: the bootstrap needs resamples >= 1")
+    trust = not_checked()
+    checked = ctx.step in {int(s) for s in options.get("trust_at", ())}
+    if checked and method != "patching" and fm.spec.n_edges <= int(options.get("trust_max_edges", TRUST_MAX_EDGES)):
+        trust = trust_check(fm, ctx.task, result.scores, result.in_circuit, ctx.step).to_array()
     return {
         "scores": result.scores.astype(np.float32),
         "in_circuit": result.in_circuit.astype(bool),
@@ -48,4 +66,5 @@ def circuit_analysis(ctx) -> dict:
         "resample_jaccard": uncertainty.resample_jaccard,
         "stable": uncertainty.stable,
         "stable_faithfulness": uncertainty.stable_faithfulness,
+        "trust": trust,
     }
