@@ -12,7 +12,7 @@ worst_rank, poor, n_edges]`` (circuits.discovery.trust.TRUST_FIELDS): the method
 against exact patching at this step, with k the circuit's size; all NaN where not checked
 (a step not in ``trust_at``, the method is already patching, or the graph has more than
 ``trust_max_edges`` edges). Poor (1.0): k >= 1 and the top-k overlap is below 0.7 or a
-circuit edge is ranked beyond k by exact patching.
+circuit edge is ranked beyond 2k by exact patching.
 """
 
 from __future__ import annotations
