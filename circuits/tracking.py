@@ -687,7 +687,8 @@ class LeadingIndicators:
     """For one phase change of a target curve: the measures whose own change started earlier.
 
     Onsets by :func:`onset` (see :func:`leading_indicators`). Each indicator
-    is ``{"measure", "onset", "lead_steps", "lead_tokens"}`` (tokens None without ``tokens_seen``).
+    is ``{"measure", "onset", "done", "still_moving", "lead_steps", "lead_tokens"}`` (tokens None
+    without ``tokens_seen``).
     """
 
     target: str
@@ -731,22 +732,21 @@ def leading_indicators(target: str, phases: list[ChangePoint], curves: dict[str,
 
     The target's onset is :func:`onset` over the phase change's window (``move`` = 10%: the first
     step from which it stays 10% of the way from its value at the window's start toward its value
-    at the window's end). Every other curve's change is dated by the same rule over the span from
-    the end of the target's previous phase change (or the first step) to the end of this one: the
-    first step from which it stays 10% of its largest distance closer to where it ends.
-    A curve leads when its change is material (its largest distance is at least ``min_share`` of
-    its range over the whole run, the bar of a phase change; scores in [0, 1] against at least
-    0.5), starts before the target's, and is not done before the target's starts (still moving
-    when the target begins: an earlier, finished change is not a sign of this one). The lead is
-    the target's onset minus the curve's, in steps and, with ``tokens`` per step, in tokens.
+    at the window's end). Every other curve's change is dated by the same rule over the steps from
+    the first to the end of the window: the first step from which it stays 10% of its largest
+    distance closer to where it is at the window's end. A curve leads when that change is
+    material (its largest distance is at least ``min_share`` of its range over the whole run, the
+    bar of a phase change; scores in [0, 1] against at least 0.5) and starts before the
+    target's. The lead is the target's onset minus the curve's, in steps and, with ``tokens``
+    per step, in tokens. Each indicator also says when its change was ``done`` (within 10% of
+    where it ends) and whether it was ``still_moving`` when the target's began: restricted loss
+    leads the test-loss fall of grokking by thousands of steps and is done before it starts,
+    so a finished change is listed, marked, not dropped.
     """
     steps = np.asarray(steps)
     out = []
-    previous_end = int(steps[0])
     for p in sorted((p for p in phases if p.curve == target), key=lambda p: p.step):
-        a = int(np.searchsorted(steps, previous_end))
-        b = int(np.searchsorted(steps, p.end_step)) + 1
-        previous_end = p.end_step
+        a, b = 0, int(np.searchsorted(steps, p.end_step)) + 1
         span = steps[a:b]
         w = int(np.searchsorted(steps, p.start_step))
         own = onset(curves[target][w:b], move)
@@ -765,14 +765,14 @@ def leading_indicators(target: str, phases: list[ChangePoint], curves: dict[str,
             if got is None:
                 continue
             start, done = int(span[got[0]]), int(span[got[1]])
-            if start >= t0 or done <= t0:
+            if start >= t0:
                 continue
             lead_tokens = None
             if tokens is not None:
                 ta, tb = int(tokens[a + got[0]]), int(tokens[w + own[0]])
                 lead_tokens = tb - ta if ta >= 0 and tb >= 0 else None
-            entry.indicators.append({"measure": name, "onset": start, "lead_steps": t0 - start,
-                                     "lead_tokens": lead_tokens})
+            entry.indicators.append({"measure": name, "onset": start, "done": done, "still_moving": done > t0,
+                                     "lead_steps": t0 - start, "lead_tokens": lead_tokens})
         entry.indicators.sort(key=lambda d: (-d["lead_steps"], d["measure"]))
         out.append(entry)
     return out
@@ -1017,14 +1017,15 @@ def _leading_lines(tracking: Tracking, most: int = 8) -> list[str]:
     if not tracking.leading:
         return []
     lines = ["", f"leading indicators (own change started = first step from which it stays {LEAD_MOVE:.0%} of the "
-             "way toward where it ends, and still moving when the target's starts):"]
+             "way toward where it is at the end of the target's change; done = within 10% of it):"]
     for x in tracking.leading:
         lines.append(f"  {x.target} {x.direction} at step {x.step} (window {x.start_step}-{x.end_step}, "
                      f"starts {x.onset}): " + ("no measure started earlier" if not x.indicators else
                                               f"{len(x.indicators)} measures started earlier"))
         for ind in x.indicators[:most]:
             tokens = "" if ind["lead_tokens"] is None else f", {ind['lead_tokens']:,} tokens"
-            lines.append(f"    {ind['measure']} from {ind['onset']} (lead {ind['lead_steps']} steps{tokens})")
+            done = "still moving" if ind["still_moving"] else f"done by {ind['done']}"
+            lines.append(f"    {ind['measure']} from {ind['onset']}, {done} (lead {ind['lead_steps']} steps{tokens})")
         if len(x.indicators) > most:
             lines.append(f"    and {len(x.indicators) - most} more (--json)")
     return lines

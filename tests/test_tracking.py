@@ -346,8 +346,10 @@ def test_a_curve_that_moves_first_leads_the_targets_phase_change():
     assert phases
     (lead,) = leading_indicators("test_loss", phases, curves, steps, tokens=steps * 1000)
     assert lead.onset == 600
-    assert [x["measure"] for x in lead.indicators] == ["restricted"]
-    assert lead.indicators[0]["onset"] == 200
-    assert lead.indicators[0]["lead_steps"] == 400 and lead.indicators[0]["lead_tokens"] == 400_000
+    assert [x["measure"] for x in lead.indicators] == ["done", "restricted"]  # by lead; "late" follows
+    done, restricted = lead.indicators
+    assert done["onset"] == 100 and done["done"] == 100 and not done["still_moving"]
+    assert restricted["onset"] == 200 and restricted["still_moving"]
+    assert restricted["lead_steps"] == 400 and restricted["lead_tokens"] == 400_000
     (no_tokens,) = leading_indicators("test_loss", phases, curves, steps)
-    assert no_tokens.indicators[0]["lead_tokens"] is None
+    assert no_tokens.indicators[1]["lead_tokens"] is None
