@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from circuits.errors import CircuitsError
-from circuits.graph import format_node, parse_node
+from circuits.graph import edge_name, format_node, parse_edge, parse_node
 
 # ---------------------------------------------------------------- similarity between circuits
 
@@ -385,6 +385,8 @@ class Tracking:
     phases: list[ChangePoint]
     stability: dict[str, Any]
     explained: Explanandum | None = None
+    epochs: list[Epoch] = field(default_factory=list)
+    leading: list[LeadingIndicators] = field(default_factory=list)
 
     def roles(self) -> list[Role]:
         """Heads that take on a detector's role: their score rises at least ROLE_FLOOR above step 0
@@ -440,6 +442,8 @@ class Tracking:
             "stability": self.stability,
             "explained": None if self.explained is None else self.explained.to_dict(),
             "roles": [r.to_dict() for r in self.roles()],
+            "epochs": [e.to_dict() for e in self.epochs],
+            "leading_indicators": [x.to_dict() for x in self.leading],
             "circuit": None,
         }
         c = self.circuit
@@ -559,6 +563,221 @@ def stability_after(c: CircuitSeries | None, steps: np.ndarray, after_step: int 
     return out
 
 
+# ---------------------------------------------------------------- mechanism epochs
+
+EPOCH_SIMILARITY = 0.6  # a step belongs to an epoch when its circuit is this similar to the epoch's mean circuit
+
+
+@dataclass
+class Epoch:
+    """A run of steps with similar stable circuits, or with none (``has_circuit`` False).
+
+    ``added`` and ``dropped`` set the epoch apart from the epoch with a circuit before it: edges of
+    its typical circuit (in the stable circuit at >= half of its steps) not in the earlier one's,
+    with their mean share of the gap over this epoch, and edges of the earlier typical circuit not
+    in this one, with their mean share over the earlier epoch; strongest first.
+    """
+
+    start: int
+    end: int
+    has_circuit: bool
+    n_steps: int
+    n_edges: int = 0  # edges of the typical circuit
+    similarity: float | None = None  # lowest weighted Jaccard of a step's circuit against the epoch's mean
+    added: list[dict[str, Any]] = field(default_factory=list)  # {"edge": str, "mean_share": float}
+    dropped: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _weighted_jaccard_rows(rows: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    top = np.maximum(rows, ref).sum(1)
+    return np.where(top > 0, np.minimum(rows, ref).sum(1) / np.where(top > 0, top, 1.0), 1.0)
+
+
+def segment_similar(weights: np.ndarray, similarity: float = EPOCH_SIMILARITY) -> list[tuple[int, int]]:
+    """The fewest contiguous segments ``[a, b)`` of the rows of ``weights`` [n, d] (non-negative) such
+    that every row has a weighted Jaccard >= ``similarity`` against its segment's mean row; among
+    equally few, the one with the highest total similarity (dynamic programming, exact)."""
+    weights = np.asarray(weights, dtype=float)
+    n = len(weights)
+    best: list[tuple[int, float, int]] = [(0, 0.0, -1)] + [(n + 1, 0.0, -1)] * n
+    for j in range(1, n + 1):
+        for i in range(j - 1, -1, -1):
+            sim = _weighted_jaccard_rows(weights[i:j], weights[i:j].mean(0))
+            if sim.min() < similarity:
+                continue
+            count, total = best[i][0] + 1, best[i][1] + float(sim.sum())
+            if count < best[j][0] or (count == best[j][0] and total > best[j][1]):
+                best[j] = (count, total, i)
+    out, j = [], n
+    while j > 0:
+        i = best[j][2]
+        out.append((i, j))
+        j = i
+    return out[::-1]
+
+
+def mechanism_epochs(shares: np.ndarray, masks: np.ndarray, steps: np.ndarray | list[int],
+                     edge_names: list[str] | np.ndarray, similarity: float = EPOCH_SIMILARITY) -> list[Epoch]:
+    """Epochs of the mechanism from stacked edge ``shares`` (score / gap) and stable-circuit ``masks``.
+
+    ``shares`` and ``masks`` are ``[n_steps, n_edges]`` (flattened graphs), ``masks`` empty at steps
+    without a circuit. A run of steps without a circuit is one epoch (``has_circuit`` False). Each
+    run with circuits is cut by :func:`segment_similar` on the contribution vectors ``|share| *
+    mask`` restricted to edges in any stable circuit: the fewest epochs in which every step's
+    circuit has a weighted Jaccard >= ``similarity`` against its epoch's mean circuit (default 0.6,
+    the same bar as a reproducible circuit against its resamples).
+    """
+    steps = np.asarray(steps)
+    shares = np.asarray(shares, dtype=float).reshape(len(steps), -1)
+    masks = np.asarray(masks, dtype=bool).reshape(len(steps), -1)
+    names = np.asarray(edge_names)
+    if not 0.0 < similarity <= 1.0:
+        raise CircuitsError(f"epoch similarity {similarity}: expected a weighted Jaccard in (0, 1] "
+                            f"(default {EPOCH_SIMILARITY})")
+    has = np.asarray(masks.any(1))  # asarray: numpy's stub types any(axis=...) as possibly a scalar
+    used = np.asarray(masks.any(0))
+    weights = np.abs(np.nan_to_num(shares[:, used])) * masks[:, used]
+    spans: list[tuple[int, int, bool]] = []
+    i = 0
+    while i < len(steps):  # runs of steps with and without a circuit
+        j = i
+        while j + 1 < len(steps) and has[j + 1] == has[i]:
+            j += 1
+        if has[i]:
+            spans += [(i + s, i + e, True) for s, e in segment_similar(weights[i : j + 1], similarity)]
+        else:
+            spans.append((i, j + 1, False))
+        i = j + 1
+    out: list[Epoch] = []
+    before: tuple[np.ndarray, np.ndarray] | None = None  # (typical mask, mean shares) of the last epoch with a circuit
+    for a, b, with_circuit in spans:
+        epoch = Epoch(int(steps[a]), int(steps[b - 1]), with_circuit, b - a)
+        if with_circuit:
+            typical = masks[a:b].mean(0) >= 0.5
+            mean = np.nanmean(np.where(np.isfinite(shares[a:b]), shares[a:b], np.nan), axis=0) \
+                if np.isfinite(shares[a:b]).any() else np.zeros(shares.shape[1])
+            mean = np.nan_to_num(mean)
+            sim = _weighted_jaccard_rows(weights[a:b], weights[a:b].mean(0))
+            old_mask, old_mean = before if before is not None else (np.zeros_like(typical), np.zeros_like(mean))
+            epoch.n_edges = int(typical.sum())
+            epoch.similarity = float(sim.min())
+            epoch.added = _edge_list(names, typical & ~old_mask, mean)
+            epoch.dropped = _edge_list(names, old_mask & ~typical, old_mean)
+            before = (typical, mean)
+        out.append(epoch)
+    return out
+
+
+def _edge_list(names: np.ndarray, chosen: np.ndarray, mean: np.ndarray) -> list[dict[str, Any]]:
+    idx = np.nonzero(chosen)[0]
+    idx = idx[np.argsort(-np.abs(mean[idx]), kind="stable")]
+    return [{"edge": str(names[i]), "mean_share": float(mean[i])} for i in idx]
+
+
+# ---------------------------------------------------------------- leading indicators
+
+LEAD_MOVE = 0.1  # a curve's own change starts once it has come 10% of the way toward where it ends
+
+
+@dataclass
+class LeadingIndicators:
+    """For one phase change of a target curve: the measures whose own change started earlier.
+
+    Onsets by :func:`onset` (see :func:`leading_indicators`). Each indicator
+    is ``{"measure", "onset", "done", "still_moving", "lead_steps", "lead_tokens"}`` (tokens None
+    without ``tokens_seen``).
+    """
+
+    target: str
+    direction: str
+    step: int  # the phase change's midpoint step
+    start_step: int
+    end_step: int
+    onset: int  # the target's own onset
+    indicators: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def onset(curve: np.ndarray, move: float = LEAD_MOVE, min_move: float = 0.0) -> tuple[int, int] | None:
+    """(onset, done) indices of a curve's change toward its last value, or None when it does not change.
+
+    With ``D`` the largest distance of the curve from its last value, the change *starts* at the
+    first index from which the curve stays at least ``move * D`` closer to its last value than
+    that (a curve that first moves away, as test loss does while a model memorises, is measured
+    from its farthest point), and is *done* at the first index from which it stays within
+    ``move * D`` of its last value. ``D`` must be at least ``min_move`` (a change too small to count).
+    """
+    y = _fill_nan(curve)
+    dist = np.abs(y - y[-1])
+    far = float(dist.max()) if len(dist) else 0.0
+    if far <= 1e-12 or far < min_move:
+        return None
+
+    def first_for_good(flags: np.ndarray) -> int:
+        stays = np.flip(np.logical_and.accumulate(np.flip(flags)))
+        return int(np.argmax(stays))
+
+    return first_for_good(dist <= (1 - move) * far), first_for_good(dist <= move * far)
+
+
+def leading_indicators(target: str, phases: list[ChangePoint], curves: dict[str, np.ndarray], steps: np.ndarray,
+                       tokens: np.ndarray | None = None, move: float = LEAD_MOVE,
+                       min_share: float = 0.2) -> list[LeadingIndicators]:
+    """Per phase change of ``curves[target]``: the other curves whose own change started earlier.
+
+    The target's onset is :func:`onset` over the phase change's window (``move`` = 10%: the first
+    step from which it stays 10% of the way from its value at the window's start toward its value
+    at the window's end). Every other curve's change is dated by the same rule over the steps from
+    the first to the end of the window: the first step from which it stays 10% of its largest
+    distance closer to where it is at the window's end. A curve leads when that change is
+    material (its largest distance is at least ``min_share`` of its range over the whole run, the
+    bar of a phase change; scores in [0, 1] against at least 0.5) and starts before the
+    target's. The lead is the target's onset minus the curve's, in steps and, with ``tokens``
+    per step, in tokens. Each indicator also says when its change was ``done`` (within 10% of
+    where it ends) and whether it was ``still_moving`` when the target's began: restricted loss
+    leads the test-loss fall of grokking by thousands of steps and is done before it starts,
+    so a finished change is listed, marked, not dropped.
+    """
+    steps = np.asarray(steps)
+    out = []
+    for p in sorted((p for p in phases if p.curve == target), key=lambda p: p.step):
+        a, b = 0, int(np.searchsorted(steps, p.end_step)) + 1
+        span = steps[a:b]
+        w = int(np.searchsorted(steps, p.start_step))
+        own = onset(curves[target][w:b], move)
+        if own is None:
+            continue
+        t0 = int(steps[w + own[0]])
+        entry = LeadingIndicators(target, p.direction, p.step, p.start_step, p.end_step, t0)
+        for name, curve in curves.items():
+            if name == target:
+                continue
+            whole = _fill_nan(curve)
+            spread = float(whole.max() - whole.min())
+            if name.startswith("heads/") or name.endswith(("_acc", "_share")):
+                spread = max(spread, BOUNDED_FLOOR)
+            got = onset(curve[a:b], move, min_move=min_share * spread)
+            if got is None:
+                continue
+            start, done = int(span[got[0]]), int(span[got[1]])
+            if start >= t0:
+                continue
+            lead_tokens = None
+            if tokens is not None:
+                ta, tb = int(tokens[a + got[0]]), int(tokens[w + own[0]])
+                lead_tokens = tb - ta if ta >= 0 and tb >= 0 else None
+            entry.indicators.append({"measure": name, "onset": start, "done": done, "still_moving": done > t0,
+                                     "lead_steps": t0 - start, "lead_tokens": lead_tokens})
+        entry.indicators.sort(key=lambda d: (-d["lead_steps"], d["measure"]))
+        out.append(entry)
+    return out
+
+
 BOUNDED_FLOOR = 0.5  # scores and accuracies live in [0, 1]: a change is measured against at least half of it
 
 
@@ -602,6 +821,8 @@ def track(study, min_share: float = 0.2, gap_z: float = GAP_Z, reproducible: flo
                                 gap_z, reproducible, gap_floor)
 
     circuit = None
+    epochs: list[Epoch] = []
+    contributions: dict[str, np.ndarray] = {}  # the final stable circuit's edges: share of the gap (NaN without a circuit)
     if _has(study, "circuit/in_circuit"):
         forward_names, backward_names = _graph_names(study)
         stable = _has(study, "circuit/stable")
@@ -613,8 +834,18 @@ def track(study, min_share: float = 0.2, gap_z: float = GAP_Z, reproducible: flo
             if faith is not None:
                 faith = np.where(explained.has_circuit, faith, np.nan)
         gap = None if explained is None else np.where(explained.has_circuit, explained.gap, np.nan)
-        circuit = circuit_series(steps, study.array("circuit/scores"), masks, forward_names, backward_names, faith,
-                                 gap)
+        scores = np.asarray(study.array("circuit/scores"), dtype=float)
+        circuit = circuit_series(steps, scores, masks, forward_names, backward_names, faith, gap)
+        if gap is not None:
+            with np.errstate(divide="ignore", invalid="ignore"):
+                shares = scores / gap[:, None, None]
+            edge_names = [edge_name(w, r) for w in forward_names for r in backward_names]
+            epochs = mechanism_epochs(shares.reshape(len(steps), -1), masks.reshape(len(steps), -1), steps,
+                                      edge_names)
+            final = circuit.in_circuit[-1]
+            for r, c in zip(*np.nonzero(final), strict=True):
+                edge = edge_name(forward_names[r], backward_names[c])
+                contributions[f"circuit/share/{edge}"] = np.where(masks.any((1, 2)), shares[:, r, c], np.nan)
         curves["circuit/n_edges"] = circuit.n_edges.astype(float)
         if faith is not None:
             curves["circuit/faithfulness"] = faith
@@ -637,11 +868,33 @@ def track(study, min_share: float = 0.2, gap_z: float = GAP_Z, reproducible: flo
     main = [p for p in phases if p.curve in ("metric", "loss")]
     formed = min((p.end_step for p in main), default=None)  # end of the first phase change
     manifest = getattr(study, "manifest", None)
-    return Tracking(
+    tracking = Tracking(
         run=getattr(manifest, "name", "") or "",
         steps=steps, curves=curves, heads=heads, circuit=circuit, phases=phases,
-        stability=stability_after(circuit, steps, formed), explained=explained,
+        stability=stability_after(circuit, steps, formed), explained=explained, epochs=epochs,
     )
+    candidates = dict(curves)
+    for role in tracking.roles():
+        node = parse_node(role.head)
+        candidates[f"heads/{role.kind}/{role.head}"] = heads[role.kind][:, node.layer, node.head]
+    candidates.update(contributions)
+    tokens = _tokens_seen(study, len(steps))
+    for target in LEAD_TARGETS:
+        if target in candidates:
+            tracking.leading += leading_indicators(target, phases, candidates, steps, tokens, min_share=min_share)
+    return tracking
+
+
+LEAD_TARGETS = ("metric", "progress/test_loss")  # the curves whose phase changes get leading indicators
+
+
+def _tokens_seen(study, n: int) -> np.ndarray | None:
+    """Tokens seen at each step, or None when the study does not record them."""
+    tokens = getattr(study, "tokens_seen", None)
+    if tokens is None:
+        return None
+    tokens = np.asarray(tokens, dtype=np.int64)
+    return tokens if tokens.shape == (n,) and (tokens >= 0).any() else None
 
 
 def _has(study, key: str) -> bool:
@@ -727,6 +980,57 @@ def _explained_lines(tracking: Tracking) -> list[str]:
     return lines
 
 
+def _edges_text(edges: list[dict[str, Any]], most: int = 4) -> str:
+    """'19 (12 <k>, 7 <v>): a->b (+0.13), ... and 15 more': counts by the port read, strongest first."""
+    ports: dict[str, int] = {}
+    for e in edges:
+        port = parse_node(parse_edge(e["edge"])[1]).port
+        key = f"<{port}>" if port else "direct"
+        ports[key] = ports.get(key, 0) + 1
+    kinds = ", ".join(f"{n} {k}" for k, n in sorted(ports.items(), key=lambda kv: (-kv[1], kv[0])))
+    shown = ", ".join(f"{e['edge']} ({e['mean_share']:+.2f})" for e in edges[:most])
+    return f"{len(edges)} ({kinds}): {shown}" + (f" and {len(edges) - most} more" if len(edges) > most else "")
+
+
+def _epoch_lines(tracking: Tracking) -> list[str]:
+    """'epochs of the mechanism: ...', one line per epoch with what sets it apart from the one before."""
+    if not tracking.epochs:
+        return []
+    lines = ["", f"epochs of the mechanism (every step's stable circuit within weighted Jaccard {EPOCH_SIMILARITY:g} "
+             "of its epoch's mean; edges by mean share of the gap):"]
+    for e in tracking.epochs:
+        span = f"step {e.start}" if e.start == e.end else f"steps {e.start}-{e.end}"
+        if not e.has_circuit:
+            lines.append(f"  {span}: no circuit yet" if e is tracking.epochs[0] else f"  {span}: no circuit")
+            continue
+        line = f"  {span}: {e.n_edges} edges (similarity >= {e.similarity:.2f})"
+        if e.added:
+            line += f"; adds {_edges_text(e.added)}"
+        if e.dropped:
+            line += f"; drops {_edges_text(e.dropped)}"
+        lines.append(line)
+    return lines
+
+
+def _leading_lines(tracking: Tracking, most: int = 8) -> list[str]:
+    """Per phase change of the metric (or test loss): the measures whose own change started earlier."""
+    if not tracking.leading:
+        return []
+    lines = ["", f"leading indicators (own change started = first step from which it stays {LEAD_MOVE:.0%} of the "
+             "way toward where it is at the end of the target's change; done = within 10% of it):"]
+    for x in tracking.leading:
+        lines.append(f"  {x.target} {x.direction} at step {x.step} (window {x.start_step}-{x.end_step}, "
+                     f"starts {x.onset}): " + ("no measure started earlier" if not x.indicators else
+                                              f"{len(x.indicators)} measures started earlier"))
+        for ind in x.indicators[:most]:
+            tokens = "" if ind["lead_tokens"] is None else f", {ind['lead_tokens']:,} tokens"
+            done = "still moving" if ind["still_moving"] else f"done by {ind['done']}"
+            lines.append(f"    {ind['measure']} from {ind['onset']}, {done} (lead {ind['lead_steps']} steps{tokens})")
+        if len(x.indicators) > most:
+            lines.append(f"    and {len(x.indicators) - most} more (--json)")
+    return lines
+
+
 def summary_text(tracking: Tracking) -> str:
     """The report ``circuits summary`` prints: phases, emergence order, stability."""
     steps = tracking.steps
@@ -762,6 +1066,7 @@ def summary_text(tracking: Tracking) -> str:
         if tracking.circuit is not None:
             line += _circuit_edges_of(tracking.circuit, role.head)
         lines.append(line)
+    lines += _epoch_lines(tracking) + _leading_lines(tracking)
     c = tracking.circuit
     if c is not None:
         lines.append("")

@@ -93,3 +93,21 @@ def test_an_independent_prompt_set_gives_the_same_stable_circuit(induction_run, 
                   seed=1, progress=False)
     assert other.task.prompt_hash() != first.task.prompt_hash()
     assert jaccard(first.array_at(last, "circuit/stable"), other.array_at(last, "circuit/stable")) >= 0.8
+
+
+def test_epochs_no_circuit_then_value_path_then_k_composition_from_400_450(summary):
+    epochs = summary["epochs"]
+    assert epochs[0]["has_circuit"] is False and epochs[0]["start"] == summary["steps"][0], epochs
+    with_circuit = [e for e in epochs if e["has_circuit"]]
+    assert len(with_circuit) >= 2, epochs
+    assert not any(_k_composition(a["edge"]) for a in with_circuit[0]["added"])  # value-path copying first
+    k_epochs = [e for e in with_circuit if any(_k_composition(a["edge"]) for a in e["added"])]
+    assert k_epochs, epochs
+    assert 400 <= k_epochs[0]["start"] <= 450, k_epochs[0]
+
+
+def test_the_metric_jump_has_leading_indicators_before_it(summary):
+    metric = [x for x in summary["leading_indicators"] if x["target"] == "metric"]
+    assert metric, summary["leading_indicators"]
+    for x in metric:
+        assert all(ind["lead_steps"] > 0 and ind["onset"] < x["onset"] for ind in x["indicators"])

@@ -144,3 +144,26 @@ def test_grokking_measures_match_the_recipes_evaluation(grokking_run, grok_serie
     for i, step in enumerate(steps):
         for key in ("train_loss", "test_loss", "train_acc", "test_acc"):
             assert s[key][i] == pytest.approx(history[int(step)][key], rel=1e-4, abs=1e-6), (step, key)
+
+
+@pytest.fixture(scope="module")
+def grok_tracking(grokking_run, tmp_path_factory):
+    """``track`` of a sweep of the grokking run (head detectors and progress measures, no circuit)."""
+    from circuits.sweep import sweep
+    from circuits.tracking import track
+
+    study = sweep(grokking_run, "modular-addition", tmp_path_factory.mktemp("grok") / "study", hooks="none",
+                  progress=False)
+    return track(study)
+
+
+@pytest.mark.xdist_group("grokking")  # one worker: the grokking run is trained once
+def test_grokking_restricted_loss_leads_the_test_loss_fall(grok_tracking):
+    falls = [x for x in grok_tracking.leading if x.target == "progress/test_loss" and x.direction == "fall"]
+    assert falls, grok_tracking.to_dict()["leading_indicators"]
+    leads = {ind["measure"]: ind for ind in falls[-1].indicators}
+    assert "progress/restricted_loss" in leads, leads
+    restricted = leads["progress/restricted_loss"]
+    assert restricted["lead_steps"] > 0 and restricted["onset"] < falls[-1].onset
+    assert restricted["lead_tokens"] is None or restricted["lead_tokens"] > 0
+    assert "leading_indicators" in grok_tracking.to_dict()

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+from circuits.errors import CircuitsError
 from circuits.tracking import (
     adjacent,
     against_final,
@@ -15,7 +16,11 @@ from circuits.tracking import (
     edit_distance,
     emergence_steps,
     jaccard,
+    leading_indicators,
+    mechanism_epochs,
     node_masks,
+    onset,
+    segment_similar,
     track,
     weighted_jaccard,
 )
@@ -270,3 +275,81 @@ def test_curves_of_a_long_run_read_on_a_log_axis_with_every_label_in_range(monke
     assert labels and all(a.text for a in labels)
     assert all(0 <= a.x <= math.log10(20000) for a in labels)
     assert all(1 <= s.x0 <= s.x1 <= 20000 for s in fig.layout.shapes)
+
+
+# ---------------------------------------------------------------- mechanism epochs
+
+EDGES = ["input->a0.h0<v>", "a0.h0->logits", "a0.h0->a1.h0<k>", "a1.h0->logits"]
+
+
+def _two_mechanisms(n_none=2, n_first=4, n_second=5):
+    """No circuit, then edges 0-1 (shares 0.5, 0.4), then edges 1-3 (0.2, 0.3, 0.5)."""
+    first = np.array([0.5, 0.4, 0.0, 0.0])
+    second = np.array([0.0, 0.2, 0.3, 0.5])
+    rows = [np.zeros(4)] * n_none + [first] * n_first + [second] * n_second
+    shares = np.array(rows) + 0.01  # a little of everything, outside the circuits
+    masks = np.array([r > 0.05 for r in rows])
+    steps = np.arange(len(rows)) * 10
+    return steps, shares, masks
+
+
+def test_two_different_circuits_make_two_epochs_after_a_no_circuit_epoch():
+    steps, shares, masks = _two_mechanisms()
+    epochs = mechanism_epochs(shares, masks, steps, EDGES)
+    assert [(e.start, e.end, e.has_circuit) for e in epochs] == [(0, 10, False), (20, 50, True), (60, 100, True)]
+    first, second = epochs[1], epochs[2]
+    assert [e["edge"] for e in first.added] == ["input->a0.h0<v>", "a0.h0->logits"]  # strongest first
+    assert first.dropped == []
+    assert [e["edge"] for e in second.added] == ["a1.h0->logits", "a0.h0->a1.h0<k>"]
+    assert second.added[0]["mean_share"] == pytest.approx(0.51)
+    assert [e["edge"] for e in second.dropped] == ["input->a0.h0<v>"]
+    assert second.dropped[0]["mean_share"] == pytest.approx(0.51)  # its share in the epoch before
+    assert second.n_edges == 3 and second.similarity == pytest.approx(1.0)
+
+
+def test_a_circuit_that_only_strengthens_stays_one_epoch():
+    steps = np.arange(6) * 100
+    shares = np.outer(np.linspace(0.5, 1.0, 6), [0.6, 0.4, 0.2])
+    masks = np.ones_like(shares, dtype=bool)
+    epochs = mechanism_epochs(shares, masks, steps, EDGES[:3])
+    assert [(e.start, e.end, e.has_circuit) for e in epochs] == [(0, 500, True)]
+
+
+def test_segment_similar_is_the_fewest_segments_at_the_cut():
+    rows = np.array([[1, 0], [1, 0.1], [0, 1], [0.1, 1], [0, 1]], dtype=float)
+    assert segment_similar(rows, 0.6) == [(0, 2), (2, 5)]
+    assert segment_similar(rows, 0.01) == [(0, 5)]  # everything overlaps a little with the mean
+    with pytest.raises(CircuitsError, match=r"epoch similarity 0.0: expected a weighted Jaccard in \(0, 1\]"):
+        mechanism_epochs(rows, rows > 0, np.arange(5), ["a->b", "c->d"], similarity=0.0)
+
+
+# ---------------------------------------------------------------- leading indicators
+
+
+def test_onset_measures_from_the_farthest_point():
+    rise_then_fall = np.array([3.0, 5.0, 5.0, 4.5, 2.0, 0.0, 0.0])  # test loss while memorising, then grokking
+    start, done = onset(rise_then_fall)
+    assert start == 3  # 4.5 is > 10% of the way down from the peak (5.0 -> 0.0)
+    assert done == 5
+    assert onset(np.ones(5)) is None
+    assert onset(np.array([0.0, 0.01, 0.0]), min_move=0.1) is None
+
+
+def test_a_curve_that_moves_first_leads_the_targets_phase_change():
+    steps = np.arange(0, 1100, 100)
+    target = np.array([3.0, 3.0, 3.0, 3.0, 3.0, 3.0, 2.0, 0.5, 0.1, 0.0, 0.0])  # falls from 500-600 on
+    early = np.array([3.0, 3.0, 2.6, 2.4, 1.8, 1.2, 0.6, 0.2, 0.0, 0.0, 0.0])  # from 200
+    done_long_ago = np.array([1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0])  # finished at 100
+    late = np.array([0.0] * 8 + [1.0, 1.0, 1.0])  # after the target
+    curves = {"test_loss": target, "restricted": early, "done": done_long_ago, "late": late}
+    phases = change_points(target, steps, name="test_loss")
+    assert phases
+    (lead,) = leading_indicators("test_loss", phases, curves, steps, tokens=steps * 1000)
+    assert lead.onset == 600
+    assert [x["measure"] for x in lead.indicators] == ["done", "restricted"]  # by lead; "late" follows
+    done, restricted = lead.indicators
+    assert done["onset"] == 100 and done["done"] == 100 and not done["still_moving"]
+    assert restricted["onset"] == 200 and restricted["still_moving"]
+    assert restricted["lead_steps"] == 400 and restricted["lead_tokens"] == 400_000
+    (no_tokens,) = leading_indicators("test_loss", phases, curves, steps)
+    assert no_tokens.indicators[1]["lead_tokens"] is None
