@@ -387,6 +387,8 @@ class Tracking:
     explained: Explanandum | None = None
     epochs: list[Epoch] = field(default_factory=list)
     leading: list[LeadingIndicators] = field(default_factory=list)
+    trust: list[Any] = field(default_factory=list)  # circuits.discovery.trust.TrustReport per checked step
+    trust_lines: list[str] = field(default_factory=list)  # what the summary says of them
 
     def roles(self) -> list[Role]:
         """Heads that take on a detector's role: their score rises at least ROLE_FLOOR above step 0
@@ -441,6 +443,7 @@ class Tracking:
             "phases": [p.to_dict() for p in self.phases],
             "stability": self.stability,
             "explained": None if self.explained is None else self.explained.to_dict(),
+            "trust": [r.to_dict() for r in self.trust],
             "roles": [r.to_dict() for r in self.roles()],
             "epochs": [e.to_dict() for e in self.epochs],
             "leading_indicators": [x.to_dict() for x in self.leading],
@@ -873,6 +876,12 @@ def track(study, min_share: float = 0.2, gap_z: float = GAP_Z, reproducible: flo
         steps=steps, curves=curves, heads=heads, circuit=circuit, phases=phases,
         stability=stability_after(circuit, steps, formed), explained=explained, epochs=epochs,
     )
+    if circuit is not None and hasattr(study, "provenance"):
+        # Read here, not in circuits.discovery: its package loads torch, which summary otherwise needs not.
+        from circuits.discovery.trust import trust_from_study, trust_settings, trust_text
+
+        tracking.trust = trust_from_study(study)
+        tracking.trust_lines = trust_text(tracking.trust, **trust_settings(study))
     candidates = dict(curves)
     for role in tracking.roles():
         node = parse_node(role.head)
@@ -1040,6 +1049,8 @@ def summary_text(tracking: Tracking) -> str:
     if ends:
         lines.append(f"  {ends}")
     lines += _explained_lines(tracking)
+    if tracking.trust_lines:
+        lines += ["", *tracking.trust_lines]
     lines.append("")
     lines.append("phase changes (window = checkpoints bounding the change):")
     if not tracking.phases:
