@@ -974,17 +974,19 @@ def _explained_lines(tracking: Tracking) -> list[str]:
         return (f"gap {e.gap[i]:.3g} +- {e.gap_se[i]:.2g} (z {e.z[i]:.1f}, {e.share[i]:.1%} of the largest gap)"
                 f"{repro}")
 
-    lines = ["", f"something to explain (a circuit where |z| >= {e.gap_z:g}"
+    # Without a circuit search (--method none) there is an effect to explain, but no circuit to speak of.
+    what = "circuit" if tracking.circuit is not None else "effect"
+    lines = ["", f"something to explain (a{'' if what == 'circuit' else 'n'} {what} where |z| >= {e.gap_z:g}"
              + (f" and the resamples' mean Jaccard >= {e.reproducible:g}" if np.isfinite(e.reproducibility).any()
                 else "") + (f" and the gap >= {e.gap_floor:.0%} of the largest" if e.gap_floor else "") + "):"]
     for a, b in _runs(steps, ~e.has_circuit):
         strongest = a + int(np.nanargmax(np.abs(e.z[a : b + 1])))
         span = f"step {int(steps[a])}" if a == b else f"steps {int(steps[a])}-{int(steps[b])}"
-        lines.append(f"  no circuit yet at {span}; strongest at step {int(steps[strongest])}: {at(strongest)}")
+        lines.append(f"  no {what} yet at {span}; strongest at step {int(steps[strongest])}: {at(strongest)}")
     with_circuit = np.nonzero(e.has_circuit)[0]
     if len(with_circuit):
         first, last = int(with_circuit[0]), len(steps) - 1
-        lines.append(f"  first circuit at step {int(steps[first])}: {at(first)}")
+        lines.append(f"  first {what} at step {int(steps[first])}: {at(first)}")
         lines.append(f"  last step {int(steps[last])}: {at(last)}")
     return lines
 

@@ -154,11 +154,11 @@ class _StudyWithOutputs:
         return []
 
 
-def test_the_summary_says_no_circuit_yet_with_the_gap_and_its_uncertainty():
+def test_without_a_circuit_search_the_summary_speaks_of_an_effect_with_its_gap_and_uncertainty():
     from circuits.tracking import summary_text
 
     rng = np.random.default_rng(0)
     clean = rng.normal(0, 1, size=(6, 32)) + np.array([[0], [0], [0.01], [2], [4], [8]])
     text = summary_text(track(_StudyWithOutputs(clean)))
-    assert "no circuit yet at steps 0-20; strongest at step" in text
-    assert "first circuit at step 30: gap" in text and "+-" in text and "of the largest gap" in text
+    assert "no effect yet at steps 0-20; strongest at step" in text
+    assert "first effect at step 30: gap" in text and "+-" in text and "of the largest gap" in text
