@@ -13,6 +13,7 @@ docs/discovery.md.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -234,8 +235,8 @@ def discover(
             message = "nil metric gap: faithfulness is undefined (NaN)"
     uncertainty = None
     if resamples and per_example is not None:
-        uncertainty = _bootstrap(spec, per_example, mask, selection, grow, size, threshold, absolute, resamples,
-                                 stable_share, seed)
+        reselect = _same_rule(spec, selection, grow, size, threshold, absolute)
+        uncertainty = resample_circuits(per_example, mask, reselect, resamples, stable_share, seed)
         uncertainty.stable_faithfulness = float(evaluator.faithfulness(uncertainty.stable))
     return CircuitResult(
         scores=np.asarray(scores, dtype=np.float32), in_circuit=mask.astype(bool), faithfulness=float(faith),
@@ -246,15 +247,13 @@ def discover(
     )
 
 
-def _bootstrap(spec: GraphSpec, per_example: np.ndarray, mask: np.ndarray, selection: str, grow: str,
-               size: int | None, threshold: float | None, absolute: bool, resamples: int, stable_share: float,
-               seed: int) -> CircuitUncertainty:
-    """Resample the examples and select each time by the rule and size that chose ``mask``."""
+def _same_rule(spec: GraphSpec, selection: str, grow: str, size: int | None, threshold: float | None,
+               absolute: bool) -> Callable[[np.ndarray], np.ndarray]:
+    """``scores -> mask`` by the rule and size that chose the full-data circuit (for its resamples)."""
     rule = grow if selection == "faithful" else selection
     if rule == "threshold":
         level = float(_given(threshold, "selection 'threshold' needs threshold"))
-        return resample_circuits(per_example, mask, lambda s: sel.threshold(spec, s, level, absolute), resamples,
-                                 stable_share, seed)
+        return lambda scores: sel.threshold(spec, scores, level, absolute)
     pick = sel.greedy if rule == "greedy" else sel.top_n
     n = int(size or 0)
-    return resample_circuits(per_example, mask, lambda s: pick(spec, s, n, absolute), resamples, stable_share, seed)
+    return lambda scores: pick(spec, scores, n, absolute)
