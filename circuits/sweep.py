@@ -190,7 +190,8 @@ def _prepare(manifest: Manifest, task: str | Task, out: Path, config: SweepConfi
     """The task, the hooks and study.json, from the model of the first step to visit.
 
     ``trust_at``: the selected steps at which the circuit analysis checks its scores against
-    exact patching (``options["trust_at"]``; recorded in each shard's provenance).
+    exact patching (``options["trust_at"]``; not recorded in the shards' provenance: a resumed
+    sweep may select other steps, see ``visit.SELECTION_OPTIONS``).
 
     Only the local executor reuses that model; for Ray it is loaded on the CPU, leaving GPUs
     to the workers.

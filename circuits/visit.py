@@ -292,6 +292,12 @@ def step_record(record: dict[str, Any]) -> dict[str, Any]:
     return record | {"task": {k: v for k, v in record["task"].items() if k not in ("arrays", "prompts")}}
 
 
+# Options that follow from the steps a sweep selected, not from how a step is analysed (the
+# steps checked against exact patching): a resumed sweep may select other steps, and whether a
+# step was checked is in its own data (``circuit/trust``).
+SELECTION_OPTIONS = ("trust_at",)
+
+
 def shard_provenance(record: dict[str, Any], plan: VisitPlan, step: int) -> dict[str, Any]:
     """What made this shard; ``plan.options`` are this sweep's (a resumed sweep may pass others)."""
     return {
@@ -304,7 +310,7 @@ def shard_provenance(record: dict[str, Any], plan: VisitPlan, step: int) -> dict
         "hook_filter": record["hook_filter"],
         "hooks": record["hooks"],
         "dtype": record["dtype"],
-        "options": plan.options,
+        "options": {k: v for k, v in plan.options.items() if k not in SELECTION_OPTIONS},
         "versions": library_versions(),
         "batch_size": plan.batch_size,
         "device": plan.device,
