@@ -660,9 +660,10 @@ def mechanism_epochs(shares: np.ndarray, masks: np.ndarray, steps: np.ndarray | 
         epoch = Epoch(int(steps[a]), int(steps[b - 1]), with_circuit, b - a)
         if with_circuit:
             typical = masks[a:b].mean(0) >= 0.5
-            mean = np.nanmean(np.where(np.isfinite(shares[a:b]), shares[a:b], np.nan), axis=0) \
-                if np.isfinite(shares[a:b]).any() else np.zeros(shares.shape[1])
-            mean = np.nan_to_num(mean)
+            finite = np.isfinite(shares[a:b])
+            total, count = np.where(finite, shares[a:b], 0.0).sum(0), finite.sum(0)
+            # The mean over the epoch's steps with a share; 0 for an edge with none (no empty-mean warning).
+            mean = np.divide(total, count, out=np.zeros_like(total, dtype=float), where=count > 0)
             sim = _weighted_jaccard_rows(weights[a:b], weights[a:b].mean(0))
             old_mask, old_mean = before if before is not None else (np.zeros_like(typical), np.zeros_like(mean))
             epoch.n_edges = int(typical.sum())
