@@ -82,6 +82,13 @@ def parse_edge(name: str) -> tuple[str, str]:
     return writer, reader
 
 
+def jaccard(a: np.ndarray, b: np.ndarray) -> float:
+    """|a & b| / |a | b| of two edge (or node) masks; 1.0 when both are empty."""
+    a, b = np.asarray(a, dtype=bool), np.asarray(b, dtype=bool)
+    union = np.logical_or(a, b).sum()
+    return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
+
+
 def _layer(node: NodeName) -> int:
     """The layer a node sits in; the input sits below every layer (-1)."""
     if node.kind == "input" or node.layer is None:

@@ -25,15 +25,9 @@ from typing import Any
 import numpy as np
 
 from circuits.errors import CircuitsError
-from circuits.graph import edge_name, format_node, parse_edge, parse_node
+from circuits.graph import edge_name, format_node, jaccard, parse_edge, parse_node
 
 # ---------------------------------------------------------------- similarity between circuits
-
-
-def jaccard(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = np.asarray(a, dtype=bool), np.asarray(b, dtype=bool)
-    union = np.logical_or(a, b).sum()
-    return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
 
 
 def weighted_jaccard(wa: np.ndarray, wb: np.ndarray) -> float:
@@ -594,6 +588,17 @@ class Epoch:
         return asdict(self)
 
 
+def runs_of(flags: np.ndarray) -> list[tuple[int, int, bool]]:
+    """``(start, stop, value)`` of each run of equal consecutive flags (``stop`` exclusive)."""
+    out: list[tuple[int, int, bool]] = []
+    for i, flag in enumerate(np.asarray(flags, dtype=bool)):
+        if out and out[-1][2] == bool(flag):
+            out[-1] = (out[-1][0], i + 1, bool(flag))
+        else:
+            out.append((i, i + 1, bool(flag)))
+    return out
+
+
 def _weighted_jaccard_rows(rows: np.ndarray, ref: np.ndarray) -> np.ndarray:
     top = np.maximum(rows, ref).sum(1)
     return np.where(top > 0, np.minimum(rows, ref).sum(1) / np.where(top > 0, top, 1.0), 1.0)
@@ -644,16 +649,11 @@ def mechanism_epochs(shares: np.ndarray, masks: np.ndarray, steps: np.ndarray | 
     used = np.asarray(masks.any(0))
     weights = np.abs(np.nan_to_num(shares[:, used])) * masks[:, used]
     spans: list[tuple[int, int, bool]] = []
-    i = 0
-    while i < len(steps):  # runs of steps with and without a circuit
-        j = i
-        while j + 1 < len(steps) and has[j + 1] == has[i]:
-            j += 1
-        if has[i]:
-            spans += [(i + s, i + e, True) for s, e in segment_similar(weights[i : j + 1], similarity)]
+    for a, b, with_circuit in runs_of(has):  # runs of steps with and without a circuit
+        if with_circuit:
+            spans += [(a + s, a + e, True) for s, e in segment_similar(weights[a:b], similarity)]
         else:
-            spans.append((i, j + 1, False))
-        i = j + 1
+            spans.append((a, b, False))
     out: list[Epoch] = []
     before: tuple[np.ndarray, np.ndarray] | None = None  # (typical mask, mean shares) of the last epoch with a circuit
     for a, b, with_circuit in spans:
@@ -949,20 +949,6 @@ def _circuit_edges_of(c: CircuitSeries, head: str) -> str:
     return "; " + "; ".join(parts) if parts else ""
 
 
-def _runs(steps: np.ndarray, flags: np.ndarray) -> list[tuple[int, int]]:
-    """Index ranges [a, b] of consecutive True flags."""
-    out, start = [], None
-    for i, flag in enumerate(flags):
-        if flag and start is None:
-            start = i
-        if not flag and start is not None:
-            out.append((start, i - 1))
-            start = None
-    if start is not None:
-        out.append((start, len(flags) - 1))
-    return out
-
-
 def _explained_lines(tracking: Tracking) -> list[str]:
     """When there is something to explain, and how reproducible its circuit is."""
     e = tracking.explained
@@ -980,7 +966,10 @@ def _explained_lines(tracking: Tracking) -> list[str]:
     lines = ["", f"something to explain (a{'' if what == 'circuit' else 'n'} {what} where |z| >= {e.gap_z:g}"
              + (f" and the resamples' mean Jaccard >= {e.reproducible:g}" if np.isfinite(e.reproducibility).any()
                 else "") + (f" and the gap >= {e.gap_floor:.0%} of the largest" if e.gap_floor else "") + "):"]
-    for a, b in _runs(steps, ~e.has_circuit):
+    for a, stop, has in runs_of(e.has_circuit):
+        if has:
+            continue
+        b = stop - 1
         strongest = a + int(np.nanargmax(np.abs(e.z[a : b + 1])))
         span = f"step {int(steps[a])}" if a == b else f"steps {int(steps[a])}-{int(steps[b])}"
         lines.append(f"  no {what} yet at {span}; strongest at step {int(steps[strongest])}: {at(strongest)}")

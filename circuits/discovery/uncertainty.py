@@ -23,6 +23,7 @@ import numpy as np
 from jaxtyping import Bool, Float
 
 from circuits.config import RESAMPLES, STABLE_SHARE, check_resamples, check_stable_share
+from circuits.graph import jaccard
 
 
 @dataclass
@@ -38,11 +39,6 @@ class CircuitUncertainty:
     @property
     def reproducibility(self) -> float:
         return float(np.mean(self.resample_jaccard))
-
-
-def _jaccard(a: np.ndarray, b: np.ndarray) -> float:
-    union = int(np.logical_or(a, b).sum())
-    return 1.0 if union == 0 else int(np.logical_and(a, b).sum()) / union
 
 
 def resample_circuits(
@@ -67,7 +63,7 @@ def resample_circuits(
         mask = np.asarray(select(scores), dtype=bool)
         counts += mask
         means[r] = scores
-        jaccards[r] = _jaccard(mask, circuit)
+        jaccards[r] = jaccard(mask, circuit)
     inclusion = counts / resamples
     # Rounding guard: 16 of 20 resamples is exactly the default 80%.
     stable = inclusion >= stable_share - 1e-9
