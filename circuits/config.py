@@ -29,26 +29,35 @@ TRUST_STEPS = 5
 TRUST_MAX_EDGES = 2000
 
 
+def _whole(value: Any, at_least: int) -> bool:
+    """An int (not a bool, which Python counts as one) of at least ``at_least``."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= at_least
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def check_ig_steps(ig_steps: Any) -> None:
-    if isinstance(ig_steps, bool) or not isinstance(ig_steps, int) or ig_steps < 1:
+    if not _whole(ig_steps, at_least=1):
         raise CircuitsError(f"--ig-steps {ig_steps!r}: eap-ig needs ig_steps >= 1, an integer "
                             "(Hanna et al. use 5, Tigges et al. 30)")
 
 
 def check_target(target: Any, upper: float = 1.0) -> None:
     """A faithfulness target above 0; at most ``upper`` (a sweep's default: at most the full model)."""
-    if isinstance(target, bool) or not isinstance(target, int | float) or not 0.0 < target <= upper:
+    if not _number(target) or not 0.0 < target <= upper:
         bounds = "above 0" if upper == float("inf") else f"in (0, {upper:g}]"
         raise CircuitsError(f"--target {target!r}: expected a faithfulness {bounds}, e.g. 0.8")
 
 
 def check_resamples(resamples: Any) -> None:
-    if isinstance(resamples, bool) or not isinstance(resamples, int) or resamples < 1:
+    if not _whole(resamples, at_least=1):
         raise CircuitsError(f"--resamples {resamples!r}: expected a whole number of resamples >= 1 (default {RESAMPLES})")
 
 
 def check_stable_share(share: Any) -> None:
-    if isinstance(share, bool) or not isinstance(share, int | float) or not 0.0 < share <= 1.0:
+    if not _number(share) or not 0.0 < share <= 1.0:
         raise CircuitsError(f"--stable-share {share!r}: expected a share of resamples in (0, 1] (default {STABLE_SHARE})")
 
 
@@ -56,7 +65,7 @@ def check_trust(trust_steps: Any, trust_max_edges: Any) -> None:
     """Both whole numbers >= 0 (0 turns the trust check off)."""
     for option, value, default in (("--trust-steps", trust_steps, TRUST_STEPS),
                                    ("--trust-max-edges", trust_max_edges, TRUST_MAX_EDGES)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        if not _whole(value, at_least=0):
             raise CircuitsError(f"{option} {value!r}: expected a whole number >= 0 (default {default}; 0 turns the "
                                 "check against exact patching off)")
 
@@ -115,9 +124,9 @@ class SweepConfig:
         """Refuse a wrong value with one line naming the option (cheap: no model, no Ray)."""
         if self.dtype not in DTYPES:
             raise CircuitsError(f"--dtype {self.dtype!r}: expected one of {', '.join(DTYPES)}")
-        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+        if not _whole(self.batch_size, at_least=1):
             raise CircuitsError(f"--batch-size {self.batch_size!r}: must be an integer of at least 1")
-        if self.n_examples is not None and (not isinstance(self.n_examples, int) or self.n_examples < 1):
+        if self.n_examples is not None and not _whole(self.n_examples, at_least=1):
             raise CircuitsError(f"--n-examples {self.n_examples!r}: must be an integer of at least 1")
         check_method(self.method)
         check_ig_steps(self.ig_steps)
@@ -131,7 +140,7 @@ class SweepConfig:
     def _check_executor(self) -> None:
         if self.executor not in EXECUTORS:
             raise CircuitsError(f"--executor {self.executor!r}: expected one of {', '.join(EXECUTORS)}")
-        if self.workers is not None and (not isinstance(self.workers, int) or self.workers < 1):
+        if self.workers is not None and not _whole(self.workers, at_least=1):
             raise CircuitsError(f"--workers {self.workers}: must be at least 1")
         if self.executor == "local":
             if self.workers not in (None, 1):
