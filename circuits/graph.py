@@ -202,8 +202,24 @@ class GraphSpec:
         return i, j
 
     def to_dict(self) -> dict[str, Any]:
+        """What a study stores as ``model.graph`` (and an exported graph as its ``spec``)."""
         return {"n_layers": self.n_layers, "n_heads": self.n_heads, "has_mlp": self.has_mlp,
                 "parallel_attn_mlp": self.parallel_attn_mlp}
+
+    @classmethod
+    def from_dict(cls, data: Any, origin: str = "graph spec") -> GraphSpec:
+        """The spec :meth:`to_dict` wrote; anything else is refused with the field named."""
+        if not isinstance(data, dict) or set(data) != set(_SPEC_FIELDS):
+            keys = sorted(data) if isinstance(data, dict) else type(data).__name__
+            raise CircuitsError(f"{origin}: expected the fields {', '.join(_SPEC_FIELDS)}, got {keys}")
+        for name, kind in _SPEC_FIELDS.items():
+            value = data[name]
+            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                raise CircuitsError(f"{origin}: field {name!r} is {value!r}, expected {kind.__name__}")
+        return cls(data["n_layers"], data["n_heads"], data["has_mlp"], data["parallel_attn_mlp"])
+
+
+_SPEC_FIELDS: dict[str, type] = {"n_layers": int, "n_heads": int, "has_mlp": bool, "parallel_attn_mlp": bool}
 
 
 def _check_matrix(spec: GraphSpec, matrix: np.ndarray, label: str) -> np.ndarray:
@@ -309,19 +325,9 @@ def write_graphml(graph, path: str | Path) -> Path:
     return path
 
 
-def _find_key(tree: Any, key: str) -> Any:
-    if isinstance(tree, dict):
-        if key in tree:
-            return tree[key]
-        for value in tree.values():
-            found = _find_key(value, key)
-            if found is not None:
-                return found
-    return None
-
-
 def spec_for_scores(n_layers: int, n_heads: int, shape: tuple[int, int], parallel_attn_mlp: bool = False) -> GraphSpec:
-    """The spec a stored ``[n_forward, n_backward]`` matrix belongs to (MLPs read off its shape)."""
+    """The spec a ``[n_forward, n_backward]`` matrix of a model of this shape belongs to (MLPs read
+    off its shape). For a study, use :func:`spec_for_study`: it reads the spec the sweep stored."""
     for has_mlp in (True, False):
         spec = GraphSpec(n_layers, n_heads, has_mlp, parallel_attn_mlp and has_mlp)
         if spec.shape == tuple(shape):
@@ -331,14 +337,14 @@ def spec_for_scores(n_layers: int, n_heads: int, shape: tuple[int, int], paralle
     )
 
 
-def spec_for_study(study, shape: tuple[int, int]) -> GraphSpec:
-    """The spec of a study's stored matrices: parallel attention+MLP read off its provenance
-    (``parallel_attn_mlp``, else a GPTNeoX architecture name), MLPs off the shape."""
-    provenance = getattr(study, "provenance", {}) or {}
-    parallel = _find_key(provenance, "parallel_attn_mlp")
-    if parallel is None:
-        parallel = "neox" in str(_find_key(provenance, "architecture") or "").lower()
-    return spec_for_scores(int(study.n_layers), int(study.n_heads), (int(shape[0]), int(shape[1])), bool(parallel))
+def spec_for_study(study, shape: tuple[int, ...] | None = None) -> GraphSpec:
+    """The graph spec stored with the study (``study.graph_spec``: the sweep wrote it from the
+    model it analysed, never guessed); with ``shape``, checked against a stored matrix's."""
+    spec: GraphSpec = study.graph_spec
+    if shape is not None and tuple(int(n) for n in shape) != spec.shape:
+        raise CircuitsError(f"{study.path}: stored circuit matrices have shape {tuple(shape)}, but the study's "
+                            f"graph ({spec.to_dict()}) has {spec.shape}")
+    return spec
 
 
 def circuit_digraph(study, step: int, only_circuit: bool = False):

@@ -29,6 +29,7 @@ from circuits.executors import (
     StepSpec,
     make_executor,
 )
+from circuits.graph import GraphSpec
 from circuits.manifest import Manifest, load_manifest
 from circuits.steps import select_steps, spread_steps
 from circuits.tasks import Task, make_task
@@ -279,7 +280,7 @@ def study_record(manifest: Manifest, task: Task, model, config: SweepConfig, hoo
         "task": task_record(task),
         "model": {"n_layers": int(cfg.n_layers), "n_heads": int(cfg.n_heads), "d_model": int(cfg.d_model),
                   "d_head": int(cfg.d_head), "d_vocab": int(cfg.d_vocab), "n_ctx": int(cfg.n_ctx),
-                  "architecture": manifest.architecture},
+                  "architecture": manifest.architecture, "graph": GraphSpec.from_model(model).to_dict()},
         "hook_filter": hook_filter or DEFAULT_HOOKS,
         "hooks": hook_names,
         "dtype": config.dtype,

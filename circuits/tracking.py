@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+from jaxtyping import Float
 
 from circuits.errors import CircuitsError
 from circuits.graph import edge_name, format_node, jaccard, parse_edge, parse_node
@@ -331,6 +332,7 @@ class CircuitSeries:
     node_emergence: np.ndarray  # [n_nodes] int step, -1 when not in the final circuit
     edge_emergence: np.ndarray  # [n_forward, n_backward] int step, -1 when not in the final circuit
     in_circuit: np.ndarray  # [n_steps, n_forward, n_backward] bool
+    node_shares: np.ndarray | None = None  # [n_steps, n_forward]: ablation effect / gap (NaN without a circuit)
 
     def emergence_order(self) -> list[tuple[str, int]]:
         """Nodes of the final circuit by emergence step (then name)."""
@@ -455,7 +457,10 @@ class Tracking:
                 "weighted_jaccard_final": _list(c.weighted_jaccard_final),
                 "edges_added": _list(c.edges_added),
                 "edges_removed": _list(c.edges_removed),
-                "node_emergence": [{"node": n, "step": s} for n, s in c.emergence_order()],
+                "node_emergence": [{"node": n, "step": s, "after_step": _step_before(self.steps, s)}
+                                   for n, s in c.emergence_order()],
+                "node_shares": None if c.node_shares is None else
+                {n: _list(c.node_shares[:, i]) for i, n in enumerate(c.forward_names)},
                 "edge_emergence": [{"edge": e, "step": s, "after_step": _step_before(self.steps, s)}
                                    for e, s in c.edge_emergence_order()],
             }
@@ -484,14 +489,18 @@ def circuit_series(
     backward_names: list[str],
     faithfulness: np.ndarray | None = None,
     gap: np.ndarray | None = None,
+    node_effects: Float[np.ndarray, "n_steps n_forward"] | None = None,
 ) -> CircuitSeries:
     """All circuit measures from stacked ``[n_steps, n_forward, n_backward]`` scores and masks.
 
     With each step's ``gap``, an edge emerges by :func:`material_emergence` on its share of the
-    gap, and a node with its first edge; without, at the first step from which it stays in
-    every later circuit (:func:`emergence_steps`).
+    gap; a writer node likewise on its own share (``node_effects`` / gap: its ablation effect)
+    where the study has node effects, else with its first edge, as ``logits`` always does.
+    Without a gap, at the first step from which it stays in every later circuit
+    (:func:`emergence_steps`).
     """
     masks = np.asarray(in_circuit, dtype=bool)
+    node_shares = None
     weights = np.abs(np.nan_to_num(np.asarray(scores, dtype=float))) * masks
     nodes, node_in = node_masks(masks, forward_names, backward_names)
     changes = np.array([(0, 0)] + [edit_distance(masks[i - 1], masks[i]) for i in range(1, len(masks))])
@@ -502,7 +511,12 @@ def circuit_series(
             shares = np.asarray(scores, dtype=float) / np.asarray(gap, dtype=float)[:, None, None]
         edge_emergence = material_emergence(shares, masks, steps)
         node_emergence = node_emergence_from_edges(edge_emergence, nodes, list(forward_names), list(backward_names))
+        if node_effects is not None:
+            node_shares = _node_shares(node_effects, gap, np.asarray(node_in.any(1)))
+            writers = len(forward_names)  # nodes list the writers first, then logits
+            node_emergence[:writers] = material_emergence(node_shares, node_in[:, :writers], steps)
     return CircuitSeries(
+        node_shares=node_shares,
         forward_names=list(forward_names),
         backward_names=list(backward_names),
         nodes=nodes,
@@ -519,6 +533,13 @@ def circuit_series(
         edge_emergence=edge_emergence,
         in_circuit=masks,
     )
+
+
+def _node_shares(node_effects: np.ndarray, gap: np.ndarray, has_circuit: np.ndarray) -> np.ndarray:
+    """Each writer's ablation effect over the step's gap; NaN at steps without a circuit."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        shares = np.asarray(node_effects, dtype=float) / np.asarray(gap, dtype=float)[:, None]
+    return np.where(has_circuit[:, None], shares, np.nan)
 
 
 def circuit_changes_in(c: CircuitSeries, steps: np.ndarray, start: int, end: int) -> dict[str, Any]:
@@ -839,7 +860,9 @@ def track(study, min_share: float = 0.2, gap_z: float = GAP_Z, reproducible: flo
                 faith = np.where(explained.has_circuit, faith, np.nan)
         gap = None if explained is None else np.where(explained.has_circuit, explained.gap, np.nan)
         scores = np.asarray(study.array("circuit/scores"), dtype=float)
-        circuit = circuit_series(steps, scores, masks, forward_names, backward_names, faith, gap)
+        node_effects = np.asarray(study.array("circuit/node_effects"), dtype=float) \
+            if _has(study, "circuit/node_effects") else None
+        circuit = circuit_series(steps, scores, masks, forward_names, backward_names, faith, gap, node_effects)
         if gap is not None:
             with np.errstate(divide="ignore", invalid="ignore"):
                 shares = scores / gap[:, None, None]
@@ -1077,7 +1100,9 @@ def summary_text(tracking: Tracking) -> str:
                      "circuit; after = the checkpoint before):")
         edges = c.edge_emergence_order()
         lines += [f"  {e} @{s} (after {_fmt(_step_before(steps, s))})" for e, s in edges] or ["  (none)"]
-        lines.append("nodes (a node is in when any of its edges is):")
+        lines.append("nodes (in when any of its edges is; " + (
+            "emerging when its ablation effect's share of the gap stays material):" if c.node_shares is not None
+            else "emerging with its first edge):"))
         order = c.emergence_order()
         lines.append("  " + (", ".join(f"{n} @{s}" for n, s in order) if order else "(the final circuit is empty)"))
         s = tracking.stability

@@ -307,6 +307,7 @@ def shard_provenance(record: dict[str, Any], plan: VisitPlan, step: int) -> dict
         "manifest": record["manifest"],
         "manifest_name": record["manifest_name"],
         "task": {k: v for k, v in record["task"].items() if k not in ("arrays", "prompts")},
+        "graph": record["model"]["graph"],
         "hook_filter": record["hook_filter"],
         "hooks": record["hooks"],
         "dtype": record["dtype"],

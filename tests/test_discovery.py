@@ -177,20 +177,78 @@ def test_patching_one_edge_equals_a_hand_written_hook_intervention(neox):
     assert scores[i, j] == pytest.approx(patched - base, abs=1e-5, rel=1e-4)
 
 
-def test_node_patching_is_the_whole_writer_corrupted(native_mlp):
-    from circuits.discovery.scoring import patch_nodes
+def _toy_modadd_task() -> Task:
+    return Task("toy", torch.tensor([[1, 2, 11], [3, 4, 11], [5, 1, 11]]),
+                torch.tensor([[5, 2, 11], [6, 4, 11], [2, 3, 11]]), torch.full((3, 1), 2),
+                torch.tensor([[3], [7], [6]]), torch.tensor([[7], [9], [1]]))
 
-    task = Task("toy", torch.tensor([[1, 2, 11], [3, 4, 11]]), torch.tensor([[5, 2, 11], [6, 4, 11]]),
-                torch.full((2, 1), 2), torch.tensor([[3], [7]]), torch.tensor([[7], [9]]))
-    nodes = patch_nodes(native_mlp, task)
-    assert nodes.shape == (GraphSpec.from_model(native_mlp).n_forward,)
-    # corrupting the input writer everywhere is the corrupted run itself
+
+def _metric_each(model, task: Task, hooks=()) -> np.ndarray:
+    """The task's logit difference per example, from the bridge itself with TL hooks."""
+    rows = torch.arange(task.n_examples)
     with torch.no_grad():
-        def metric(tokens):
-            logits = native_mlp(tokens)[:, 2]
-            return (logits[[0, 1], [3, 7]] - logits[[0, 1], [7, 9]]).mean().item()
+        logits = model.run_with_hooks(task.clean, fwd_hooks=list(hooks))[:, 2]
+    return (logits[rows, task.correct[:, 0]] - logits[rows, task.wrong[:, 0]]).numpy()
 
-        assert nodes[0] == pytest.approx(metric(task.corrupted) - metric(task.clean), abs=1e-5)
+
+def test_exact_node_effects_equal_hand_written_hook_interventions(native_mlp):
+    task = _toy_modadd_task()
+    effects = Evaluator(FunctionalModel(native_mlp), task).node_effects()
+    spec = GraphSpec.from_model(native_mlp)
+    assert effects.shape == (task.n_examples, spec.n_forward)
+    with torch.no_grad():
+        _, corrupt = native_mlp.run_with_cache(task.corrupted)
+    base = _metric_each(native_mlp, task)
+
+    def head_from_corrupt(z, hook, head=1):
+        z[:, :, head] = corrupt["blocks.0.attn.hook_z"][:, :, head]
+        return z
+
+    def mlp_from_corrupt(out, hook):
+        return corrupt["blocks.0.hook_mlp_out"]
+
+    def embed_from_corrupt(x, hook):
+        return corrupt[hook.name]
+
+    checks = {"a0.h1": [("blocks.0.attn.hook_z", head_from_corrupt)],
+              "m0": [("blocks.0.hook_mlp_out", mlp_from_corrupt)],
+              "input": [("hook_embed", embed_from_corrupt), ("hook_pos_embed", embed_from_corrupt)]}
+    for node, hooks in checks.items():
+        want = _metric_each(native_mlp, task, hooks) - base
+        assert np.abs(want).max() > 1e-3, node  # the check would be vacuous on a node with no effect
+        np.testing.assert_allclose(effects[:, spec.forward_index(node)], want, atol=1e-5, err_msg=node)
+
+
+def test_node_attribution_is_the_gradient_times_the_corruption_of_the_node(native_mlp):
+    """Summing a writer's edge scores is EAP's node score: (z_corrupt - z_clean) . dM/dz, by autograd on the bridge."""
+    task = _toy_modadd_task()
+    result = discover(native_mlp, task, method="eap", node_effects="attribution")
+    assert not result.node_effects_exact
+    with torch.no_grad():
+        _, clean = native_mlp.run_with_cache(task.clean)
+        _, corrupt = native_mlp.run_with_cache(task.corrupted)
+    z = clean["blocks.0.attn.hook_z"].clone().requires_grad_(True)
+    metric = _metric_each_with_grad(native_mlp, task, z)
+    (grad,) = torch.autograd.grad(metric.sum(), z)
+    head = 2
+    want = ((corrupt["blocks.0.attn.hook_z"] - clean["blocks.0.attn.hook_z"]) * grad)[:, :, head].sum((1, 2))
+    got = result.node_effects[:, GraphSpec.from_model(native_mlp).forward_index(f"a0.h{head}")]
+    np.testing.assert_allclose(got, want.numpy(), atol=1e-5, rtol=1e-4)
+
+
+def _metric_each_with_grad(model, task: Task, z: torch.Tensor) -> torch.Tensor:
+    rows = torch.arange(task.n_examples)
+    logits = model.run_with_hooks(task.clean, fwd_hooks=[("blocks.0.attn.hook_z", lambda _z, hook: z)])[:, 2]
+    return logits[rows, task.correct[:, 0]] - logits[rows, task.wrong[:, 0]]
+
+
+def test_node_effects_auto_is_exact_on_a_small_graph(native_mlp):
+    task = _toy_modadd_task()
+    result = discover(native_mlp, task, method="eap", node_effects="auto")
+    assert result.node_effects_exact
+    np.testing.assert_allclose(result.node_effects, Evaluator(FunctionalModel(native_mlp), task).node_effects())
+    with pytest.raises(CircuitsError, match=r"--node-effects 'all': expected one of auto, exact, attribution"):
+        discover(native_mlp, task, method="eap", node_effects="all")
 
 
 def test_patching_sums_and_eap_ig_steps(native_attn):

@@ -12,6 +12,7 @@ import pytest
 from circuits.config import SweepConfig
 from circuits.discovery.uncertainty import resample_circuits
 from circuits.errors import CircuitsError
+from circuits.graph import GraphSpec
 from circuits.tracking import Tracking, explanandum, material_emergence, track
 
 STEPS = np.array([0, 10, 20, 30, 40])
@@ -162,3 +163,25 @@ def test_without_a_circuit_search_the_summary_speaks_of_an_effect_with_its_gap_a
     text = summary_text(track(_StudyWithOutputs(clean)))
     assert "no effect yet at steps 0-20; strongest at step" in text
     assert "first effect at step 30: gap" in text and "+-" in text and "of the largest gap" in text
+
+
+def test_a_node_emerges_when_its_own_ablation_share_stays_material_not_with_its_first_edge():
+    from circuits.tracking import circuit_series
+
+    spec = GraphSpec(1, 2, has_mlp=False)  # writers: input, a0.h0, a0.h1; readers: q/k/v of both heads, logits
+    n = len(STEPS)
+    masks = np.zeros((n, *spec.shape), dtype=bool)
+    head, logits = spec.forward_index("a0.h1"), spec.backward_index("logits")
+    masks[1:, head, logits] = True  # a0.h1 -> logits is in the circuit from step 10
+    masks[:, 0, logits] = True
+    scores = masks * -1.0
+    gap = np.full(n, 2.0)
+    effects = np.zeros((n, spec.n_forward))
+    effects[:, head] = [0.0, -0.01, -0.05, -1.0, -1.2]  # its share: 0.5% and 2.5% of the final 60% before step 30
+    effects[:, 0] = -2.0
+    c = circuit_series(STEPS, scores, masks, list(spec.forward_names), list(spec.backward_names), gap=gap,
+                       node_effects=effects)
+    emerged = dict(c.emergence_order())
+    assert emerged["a0.h1"] == 30 and c.edge_emergence[head, logits] == 10
+    np.testing.assert_allclose(c.node_shares[:, head], effects[:, head] / 2.0)
+    assert emerged["logits"] == 0 and emerged["input"] == 0  # logits has no ablation effect: it emerges with its edges

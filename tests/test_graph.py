@@ -1,6 +1,7 @@
 """circuits.graph: names, the dense spec, the networkx view and its exports."""
 
 import json
+from pathlib import Path
 
 import networkx as nx
 import numpy as np
@@ -15,6 +16,7 @@ from circuits.graph import (
     parse_node,
     read_node_link,
     spec_for_scores,
+    spec_for_study,
     to_digraph,
     to_node_link,
     write_graphml,
@@ -94,8 +96,8 @@ def test_circuit_digraph_reads_a_study():
     mask = spec.valid & (scores > 5)
 
     class FakeStudy:
-        n_layers, n_heads = 1, 2
-        provenance = {"model": {"parallel_attn_mlp": True}}
+        path = Path("fake")
+        graph_spec = spec
 
         def array_at(self, step, key):
             return {"circuit/scores": scores, "circuit/in_circuit": mask}[key]
@@ -105,3 +107,28 @@ def test_circuit_digraph_reads_a_study():
     assert sum(d["in_circuit"] for *_, d in graph.edges(data=True)) > 0
     with pytest.raises(CircuitsError, match="fits no graph"):
         spec_for_scores(3, 2, spec.shape)
+
+
+def test_a_study_whose_matrices_do_not_fit_its_stored_graph_is_refused():
+    class FakeStudy:
+        path = Path("fake")
+        graph_spec = GraphSpec(1, 2, has_mlp=True, parallel_attn_mlp=True)
+
+    with pytest.raises(CircuitsError, match=r"fake: stored circuit matrices have shape \(4, 7\)"):
+        spec_for_study(FakeStudy(), (4, 7))
+
+
+@pytest.mark.parametrize("spec", [GraphSpec(2, 4), GraphSpec(1, 2, has_mlp=False), GraphSpec(3, 2, parallel_attn_mlp=True)])
+def test_graph_spec_round_trips_through_its_dict(spec):
+    assert GraphSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    ({"n_layers": 2, "n_heads": 4, "has_mlp": True}, "expected the fields n_layers, n_heads, has_mlp, parallel_attn_mlp"),
+    ({"n_layers": 2, "n_heads": 4, "has_mlp": 1, "parallel_attn_mlp": False}, "field 'has_mlp' is 1, expected bool"),
+    ({"n_layers": True, "n_heads": 4, "has_mlp": True, "parallel_attn_mlp": False}, "field 'n_layers' is True, expected int"),
+    ("neox", "expected the fields"),
+])
+def test_a_damaged_graph_spec_is_refused_with_its_field(data, message):
+    with pytest.raises(CircuitsError, match=f"study.json: .*{message}"):
+        GraphSpec.from_dict(data, "study.json: field 'model.graph'")

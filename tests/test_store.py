@@ -44,7 +44,9 @@ def make_study(root: Path, steps=(0, 10, 20)) -> Path:
     (root / store.SHARD_DIR).mkdir(parents=True)
     store.write_study_json(root, {
         "format": store.STUDY_FORMAT, "manifest": "name: x\n", "task": task_record(task),
-        "model": {"n_layers": LAYERS, "n_heads": HEADS}, "hooks": [], "dtype": "float16",
+        "model": {"n_layers": LAYERS, "n_heads": HEADS,
+                  "graph": {"n_layers": LAYERS, "n_heads": HEADS, "has_mlp": False, "parallel_attn_mlp": False}},
+        "hooks": [], "dtype": "float16",
     })
     with store.BackgroundWriter() as writer:
         for step in steps:

@@ -159,6 +159,7 @@ class FakeStudy:
         masks[late, spec.forward_names.index("a0.h1"), spec.backward_names.index("logits")] = True
         masks[late, 0, spec.backward_names.index("a0.h1<v>")] = True
         self.provenance = {}
+        self.graph_spec = spec
         self._arrays = {
             "heads/induction": heads.astype(np.float32),
             "progress/icl_score": -4 * rise,
@@ -207,7 +208,7 @@ def test_track_aligns_phases_with_circuit_changes():
     assert data["circuit"]["jaccard_adjacent"][0] is None
     assert data["heads"]["induction"]["top_head"] == "a0.h1"
     assert data["heads"]["induction"]["circuit_emergence"] == 300
-    assert {"node": "a0.h1", "step": 300} in data["circuit"]["node_emergence"]
+    assert {"node": "a0.h1", "step": 300, "after_step": 285} in data["circuit"]["node_emergence"]
 
 
 def test_summary_and_figures(tmp_path):

@@ -19,7 +19,14 @@ from typing import TypeVar
 
 import numpy as np
 
-from circuits.config import STABLE_SHARE, check_resamples, check_stable_share, check_target
+from circuits.config import (
+    NODE_EXACT_MAX,
+    STABLE_SHARE,
+    check_node_effects,
+    check_resamples,
+    check_stable_share,
+    check_target,
+)
 from circuits.discovery import selection as sel
 from circuits.discovery.faithfulness import GAP_TOL, GAP_Z, Evaluator, faithfulness
 from circuits.discovery.functional import FunctionalModel
@@ -68,6 +75,10 @@ class CircuitResult:
     message: str = ""
     size: int | None = None  # the top-n / greedy n that selected the circuit (None for a threshold)
     uncertainty: CircuitUncertainty | None = None  # the bootstrap over examples, when asked for
+    # Each example's node contributions [n_examples, n_forward] (see node_effects), when asked for;
+    # exact: by ablating each writer, else the sum of its edges' attribution scores.
+    node_effects: np.ndarray | None = None
+    node_effects_exact: bool = False
     tried: list[tuple[int, float]] = field(default_factory=list)
 
     @property
@@ -170,6 +181,7 @@ def discover(
     resamples: int = 0,
     stable_share: float = STABLE_SHARE,
     seed: int = 0,
+    node_effects: str | None = None,
 ) -> CircuitResult:
     """Score every edge of ``model`` on ``task``, select a circuit, measure its faithfulness.
 
@@ -183,6 +195,11 @@ def discover(
     resample selects by the same rule and size, and ``uncertainty`` holds each edge's inclusion
     frequency and score standard error, the resamples' Jaccard against this circuit, and the
     stable circuit (edges in >= ``stable_share`` of them; see uncertainty.py).
+    ``node_effects`` ("exact", "attribution" or "auto"; None: not measured) fills the result's
+    ``node_effects``: each writer's metric change when its output is ablated for every reader
+    (exact: one ablated copy of the batch per writer, same ablation as the faithfulness), or
+    its attribution (the sum of its edges' scores, which is EAP's node score); "auto" is exact
+    up to ``NODE_EXACT_MAX`` writers.
     """
     check_scoring(method, ig_steps)
     if selection not in SELECTIONS:
@@ -197,6 +214,8 @@ def discover(
         _given(threshold, needs_threshold)
     if selection == "faithful":
         check_target(target, upper=float("inf"))  # a circuit may beat the full model: targets above 1 search on
+    if node_effects is not None:
+        check_node_effects(node_effects)
     if resamples:
         check_resamples(resamples)
         check_stable_share(stable_share)
@@ -238,7 +257,13 @@ def discover(
         reselect = _same_rule(spec, selection, grow, size, threshold, absolute)
         uncertainty = resample_circuits(per_example, mask, reselect, resamples, stable_share, seed)
         uncertainty.stable_faithfulness = float(evaluator.faithfulness(uncertainty.stable))
+    nodes, nodes_exact = None, False
+    if node_effects is not None:
+        nodes_exact = node_effects == "exact" or (node_effects == "auto" and spec.n_forward <= NODE_EXACT_MAX)
+        edge_scores = per_example if per_example is not None else np.asarray(scores)[None]
+        nodes = evaluator.node_effects() if nodes_exact else edge_scores.sum(2, dtype=np.float64).astype(np.float32)
     return CircuitResult(
+        node_effects=nodes, node_effects_exact=nodes_exact,
         scores=np.asarray(scores, dtype=np.float32), in_circuit=mask.astype(bool), faithfulness=float(faith),
         n_edges=int(mask.sum()), metric_clean=evaluator.metric_clean, metric_corrupted=evaluator.metric_corrupted,
         method=method, spec=spec, selection=selection, ablation=ablation,

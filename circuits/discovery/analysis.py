@@ -7,6 +7,11 @@ to check the scores against exact patching; the sweep spreads ``trust_steps`` of
 steps, the last included) and ``trust_max_edges`` (2000). Every array has the same shape at
 every step.
 
+``node_effects``: float32 [n_forward], each writer's contribution: the mean metric change when
+its output is ablated for every reader (``node_effects_exact`` 1.0; ``node_effects`` option
+"auto" (default) is exact up to 64 writers, see circuits.config) or the sum of its edges'
+scores (0.0); ``node_effects_se`` its standard error over the examples.
+
 ``trust``: float32 [8], ``[spearman_signed, spearman_abs, topk_overlap, k, top10_overlap,
 worst_rank, poor, n_edges]`` (circuits.discovery.trust.TRUST_FIELDS): the method's scores
 against exact patching at this step, with k the circuit's size; all NaN where not checked
@@ -45,6 +50,7 @@ def circuit_analysis(ctx) -> dict:
         resamples=int(options.get("resamples", RESAMPLES)),
         stable_share=float(options.get("stable_share", STABLE_SHARE)),
         seed=int(options.get("seed", 0)),
+        node_effects=str(options.get("node_effects", "auto")),
     )
     uncertainty = result.uncertainty
     if uncertainty is None:
@@ -53,7 +59,7 @@ def circuit_analysis(ctx) -> dict:
     checked = ctx.step in {int(s) for s in options.get("trust_at", ())}
     if checked and method != "patching" and fm.spec.n_edges <= int(options.get("trust_max_edges", TRUST_MAX_EDGES)):
         trust = trust_check(fm, ctx.task, result.scores, result.in_circuit, ctx.step).to_array()
-    return {
+    return _node_arrays(result.node_effects, result.node_effects_exact) | {
         "scores": result.scores.astype(np.float32),
         "in_circuit": result.in_circuit.astype(bool),
         "faithfulness": float(result.faithfulness),
@@ -68,3 +74,13 @@ def circuit_analysis(ctx) -> dict:
         "stable_faithfulness": uncertainty.stable_faithfulness,
         "trust": trust,
     }
+
+
+def _node_arrays(effects: np.ndarray | None, exact: bool) -> dict:
+    """``node_effects`` (mean over examples), ``node_effects_se`` and ``node_effects_exact``."""
+    if effects is None:  # unreachable from circuit_analysis, which always asks for them
+        raise CircuitsError("circuit analysis: node effects were not measured")
+    n = effects.shape[0]
+    se = effects.std(0, ddof=1) / np.sqrt(n) if n > 1 else np.full(effects.shape[1], np.nan)
+    return {"node_effects": effects.mean(0, dtype=np.float64).astype(np.float32),
+            "node_effects_se": se.astype(np.float32), "node_effects_exact": float(exact)}

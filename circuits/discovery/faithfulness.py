@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from jaxtyping import Float
 
 from circuits.discovery.functional import FunctionalModel
 from circuits.discovery.scoring import Ablator, _default_chunk, reference_runs
@@ -55,6 +56,7 @@ class Evaluator:
             run = self.fm.run(self.tokens, ablate=full, reference=self.reference)
             baseline_each = metric_per_example(run.logits, self.task, clean.logits).double()
         self.ablator = Ablator(self.fm, self.task, self.reference, clean.logits)
+        self.clean_each = clean_each
         self.baseline = float(baseline_each.mean())
         self.gap = self.metric_clean - self.baseline
         diff = clean_each - baseline_each
@@ -77,6 +79,21 @@ class Evaluator:
         metrics = np.concatenate(out)
         faith = np.full(len(metrics), np.nan) if self.gap_nil else (metrics - self.baseline) / self.gap
         return faith[0] if single else faith
+
+
+    def node_effects(self, chunk: int | None = None) -> Float[np.ndarray, "n_examples n_forward"]:
+        """Each example's metric change when one writer's output is ablated for every reader at
+        once (``input``: the whole embedding), by this evaluator's ablation; ``n_forward`` copies
+        of the batch, ``chunk`` per forward."""
+        spec = self.fm.spec
+        chunk = chunk or _default_chunk(self.fm, self.task, spec.n_forward, budget=5e7)
+        out = []
+        for start in range(0, spec.n_forward, chunk):
+            stop = min(start + chunk, spec.n_forward)
+            rows = torch.zeros(stop - start, *spec.shape, device=self.fm.device, dtype=self.fm.dtype)
+            rows[torch.arange(stop - start), torch.arange(start, stop)] = 1.0  # invalid pairs are masked in run
+            out.append(self.ablator.per_example(rows).double() - self.clean_each[None])
+        return torch.cat(out).T.float().cpu().numpy()
 
 
 def faithfulness(model, task: Task, in_circuit: np.ndarray, ablation: str = "corrupt", gap_tol: float = GAP_TOL,

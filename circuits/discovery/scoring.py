@@ -150,21 +150,6 @@ def score_patching(fm: FunctionalModel, task: Task, edges_per_forward: int | Non
     return scores
 
 
-@torch.no_grad()
-def patch_nodes(model_or_fm, task: Task) -> np.ndarray:
-    """Exact node patching: float32 [n_forward], the metric change when one writer's output is
-    corrupted for every reader at once (``input``: the whole embedding)."""
-    fm = model_or_fm if isinstance(model_or_fm, FunctionalModel) else FunctionalModel(model_or_fm)
-
-    def one_writer_each(start: int, stop: int) -> torch.Tensor:
-        masks = torch.zeros(stop - start, *fm.spec.shape, device=fm.device, dtype=fm.dtype)
-        masks[torch.arange(stop - start), torch.arange(start, stop)] = 1.0  # invalid pairs are masked inside run
-        return masks
-
-    chunk = _default_chunk(fm, task, fm.spec.n_forward)
-    return _corruption_effects(fm, task, fm.spec.n_forward, one_writer_each, chunk).mean(1)
-
-
 def _corruption_effects(fm: FunctionalModel, task: Task, n: int, masks: Callable[[int, int], torch.Tensor],
                         chunk: int) -> np.ndarray:
     """float32 [n, n_examples]: each example's metric with ``masks(start, stop)`` corrupted, minus

@@ -18,12 +18,14 @@ import numpy as np
 from circuits import chunks
 from circuits.errors import first_line
 
+# /4: the study records its graph spec (model.graph), read back instead of guessed from the
+# architecture name, and each step stores its nodes' contributions (circuit/node_effects).
 # /3: each step's circuit carries its bootstrap (circuit/score_se, inclusion, resample_jaccard,
 # stable, stable_faithfulness) and the study records the settings behind it.
 # /2: attention patterns stored as their lower triangle (format /1 held the full square).
-SHARD_FORMAT = "circuits-shard/3"
-STUDY_FORMAT = "circuits-study/3"
-INDEX_FORMAT = "circuits-index/3"
+SHARD_FORMAT = "circuits-shard/4"
+STUDY_FORMAT = "circuits-study/4"
+INDEX_FORMAT = "circuits-index/4"
 STUDY_FILE = "study.json"
 INDEX_FILE = "index.h5"
 SHARD_DIR = "shards"

@@ -45,6 +45,7 @@ _RECORD_FIELDS: tuple[tuple[str, type[Any], bool], ...] = (
     ("task.name", str, False), ("task.prompt_hash", str, False), ("task.n_examples", int, True),
     ("task.seq_len", int, True), ("task.arrays", dict, False), ("task.arrays.clean", list, False),
     ("task.arrays.corrupted", list, False), ("model.n_layers", int, True), ("model.n_heads", int, True),
+    ("model.graph", dict, False),
 )
 
 

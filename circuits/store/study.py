@@ -16,6 +16,7 @@ import h5py
 import numpy as np
 
 from circuits.errors import CircuitsError
+from circuits.graph import GraphSpec
 from circuits.store.format import (
     PATTERNS,
     STUDY_FILE,
@@ -226,6 +227,11 @@ class Study:
     @property
     def n_heads(self) -> int:
         return int(self._record["model"]["n_heads"])
+
+    @property
+    def graph_spec(self) -> GraphSpec:
+        """The graph of the model the sweep analysed (``model.graph`` of study.json)."""
+        return GraphSpec.from_dict(self._record["model"]["graph"], f"{self.path / STUDY_FILE}: field 'model.graph'")
 
     @property
     def n_examples(self) -> int:
