@@ -16,6 +16,7 @@ demand by :func:`to_digraph`.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from dataclasses import dataclass, field
@@ -158,9 +159,12 @@ class GraphSpec:
         """-1 for input, else the layer of the head or MLP."""
         return _layer(parse_node(self.forward_names[index]))
 
-    @property
+    @functools.cached_property
     def valid(self) -> np.ndarray:
-        """bool [n_forward, n_backward]: True where the writer feeds the reader's residual input."""
+        """bool [n_forward, n_backward]: True where the writer feeds the reader's residual input.
+
+        Computed once per spec (selection asks for it at every candidate circuit) and read-only,
+        so that no caller can change every later caller's answer."""
         valid = np.zeros(self.shape, dtype=bool)
         for i, writer in enumerate(self.forward_names):
             w = parse_node(writer)
@@ -174,6 +178,7 @@ class GraphSpec:
                 else:  # mlp reader
                     same_layer_head = w.kind == "head" and w.layer == r.layer
                     valid[i, j] = w_layer < _layer(r) or (same_layer_head and not self.parallel_attn_mlp)
+        valid.setflags(write=False)
         return valid
 
     @property
