@@ -120,12 +120,12 @@ def sweep(
 @app.command()
 def bench(
     name: Annotated[str, typer.Argument(help="Benchmark to run: extract, extract-70m, discover, app, scaling, "
-                                            "or all (every one, side by side)")] = "all",
+                                            "formation, or all (every one, side by side)")] = "all",
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON only")] = False,
     manifest: Annotated[str | None, typer.Option(help="extract: benchmark this run's checkpoint instead of the built-in model")] = None,
     step: Annotated[int | None, typer.Option(help="extract: step of --manifest (default: its last)")] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
-    run: Annotated[str | None, typer.Option(help="scaling: sweep this trained induction run instead of training one")] = None,
+    run: Annotated[str | None, typer.Option(help="scaling, formation: sweep this trained induction run instead of training one")] = None,
 ) -> None:
     """Run a named benchmark, or all of them; print their figures against their goals (a table, or JSON)."""
     import json
@@ -140,8 +140,8 @@ def bench(
             raise CircuitsError(f"--manifest and --step apply to the extract benchmark, not to {name!r}")
         options |= {"manifest": manifest, "step": step}
     if run is not None:
-        if name not in ("scaling", "all"):
-            raise CircuitsError(f"--run applies to the scaling benchmark, not to {name!r}")
+        if name not in ("scaling", "formation", "all"):
+            raise CircuitsError(f"--run applies to the scaling and formation benchmarks, not to {name!r}")
         options |= {"run": run}
     result = run_benchmark(name, **options)
     if as_json:

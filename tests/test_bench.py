@@ -58,3 +58,13 @@ def test_the_scaling_child_is_a_module_function():
     module, _, function = scaling.CHILD.partition(" import ")
     assert module == "from circuits.bench.scaling" and function.startswith("child_main;")
     assert callable(scaling.child_main)
+
+
+def test_bench_formation_times_both_sweeps_on_the_same_steps(induction_run):
+    from circuits.bench import run_benchmark
+
+    result = run_benchmark("formation", run=str(induction_run), steps="450,1000", rounds=1)
+    figures = result["figures"]
+    assert result["model"]["steps"] == 2 and set(result["rounds"]) == {"A", "B"}
+    ratio = figures["formation defaults / account off (CPU)"]
+    assert ratio["goal"] == 1.3 and ratio["value"] > 0

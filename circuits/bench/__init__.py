@@ -12,6 +12,7 @@ are not. Results go in ``docs/performance.md``.
 - ``discover.py``: ``discover`` (EAP / EAP-IG against forward+backward and TL 4.3).
 - ``app.py``: ``app`` (the Streamlit app, server side, on a synthetic study).
 - ``scaling.py``: ``scaling`` (steps and Ray workers).
+- ``formation.py``: ``formation`` (the formation account's cost on the sweep).
 
 To add one: write ``bench_x(device: str = "cpu", ...) -> dict`` in a module here, returning
 ``{"figures": {"ratio": figure(value, "x", goal=4.0)}, "model": {...}}``, register it below,
@@ -29,13 +30,14 @@ from circuits.bench.app import app_figures
 from circuits.bench.common import Benchmark, figure, machine, print_result
 from circuits.bench.discover import discover_figures
 from circuits.bench.extract import bench_extract, bench_extract_70m
+from circuits.bench.formation import bench_formation
 from circuits.bench.scaling import bench_scaling
 from circuits.errors import CircuitsError
 
 __all__ = ["BENCHMARKS", "Benchmark", "bench_all", "bench_extract", "bench_scaling", "figure", "machine",
            "print_result", "run_benchmark"]
 
-_OPTIONS_OF = {"extract": ("manifest", "step"), "scaling": ("run",)}
+_OPTIONS_OF = {"extract": ("manifest", "step"), "scaling": ("run",), "formation": ("run",)}
 
 
 def bench_all(device: str = "cpu", **options: Any) -> dict[str, Any]:
@@ -66,6 +68,8 @@ BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in [
               app_figures),
     Benchmark("scaling", "sweep time and peak memory over 10 vs 40 steps (local); steps/s with 1 vs 2 Ray workers",
               bench_scaling),
+    Benchmark("formation", "the sweep with the formation defaults (bootstrap, node effects, trust check) vs the "
+              "account off, built-in induction run, EAP-IG(5)", bench_formation),
     Benchmark("all", "every benchmark, one run, figures side by side", bench_all),
 ]}
 
