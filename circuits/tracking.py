@@ -385,6 +385,8 @@ class Tracking:
     leading: list[LeadingIndicators] = field(default_factory=list)
     trust: list[Any] = field(default_factory=list)  # circuits.discovery.trust.TrustReport per checked step
     trust_lines: list[str] = field(default_factory=list)  # what the summary says of them
+    # The final stable circuit's edges: score / gap per step ("circuit/share/<edge>"; NaN without a circuit)
+    edge_shares: dict[str, np.ndarray] = field(default_factory=dict)
 
     def roles(self) -> list[Role]:
         """Heads that take on a detector's role: their score rises at least ROLE_FLOOR above step 0
@@ -459,6 +461,7 @@ class Tracking:
                 "edges_removed": _list(c.edges_removed),
                 "node_emergence": [{"node": n, "step": s, "after_step": _step_before(self.steps, s)}
                                    for n, s in c.emergence_order()],
+                "edge_shares": {e: _list(v) for e, v in self.edge_shares.items()},
                 "node_shares": None if c.node_shares is None else
                 {n: _list(c.node_shares[:, i]) for i, n in enumerate(c.forward_names)},
                 "edge_emergence": [{"edge": e, "step": s, "after_step": _step_before(self.steps, s)}
@@ -899,6 +902,7 @@ def track(study, min_share: float = 0.2, gap_z: float = GAP_Z, reproducible: flo
         run=getattr(manifest, "name", "") or "",
         steps=steps, curves=curves, heads=heads, circuit=circuit, phases=phases,
         stability=stability_after(circuit, steps, formed), explained=explained, epochs=epochs,
+        edge_shares={k.removeprefix("circuit/share/"): v for k, v in contributions.items()},
     )
     if circuit is not None and hasattr(study, "provenance"):
         # Read here, not in circuits.discovery: its package loads torch, which summary otherwise needs not.

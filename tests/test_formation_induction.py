@@ -111,3 +111,19 @@ def test_the_metric_jump_has_leading_indicators_before_it(summary):
     assert metric, summary["leading_indicators"]
     for x in metric:
         assert all(ind["lead_steps"] > 0 and ind["onset"] < x["onset"] for ind in x["indicators"])
+
+
+def test_node_contributions_are_exact_ablations_and_date_each_node_by_its_own_share(summary, study_dir):
+    import circuits
+
+    study = circuits.open_study(study_dir)
+    assert (np.asarray(study.array("circuit/node_effects_exact")) == 1.0).all()  # 9 writers: exact
+    shares, steps = summary["circuit"]["node_shares"], summary["steps"]
+    for node in summary["circuit"]["node_emergence"]:
+        if node["node"] == "logits":
+            continue
+        series = np.asarray([np.nan if v is None else v for v in shares[node["node"]]])
+        at = steps.index(node["step"])
+        assert np.all(series[at:] * np.sign(series[-1]) >= 0.1 * abs(series[-1]) - 1e-9), node
+    final_edges = {e["edge"] for e in summary["circuit"]["edge_emergence"]}
+    assert set(summary["circuit"]["edge_shares"]) == final_edges
