@@ -6,15 +6,30 @@ which belong to no node). That makes every edge a switch: ``ablate[u, v] = 1`` g
 ``v`` the reference run's output of writer ``u`` (corrupted or mean) instead of the current
 one, and an additive zero at each port gives ``d metric / d input of v`` in one backward.
 
-It reproduces the bridge's logits (tests: 1e-4) for the architectures the project loads:
-learned or rotary positions (GPTNeoX partial rotary), LayerNorm / RMSNorm / none, attention
-only or a plain MLP (relu, gelu, gelu_new, silu), sequential or parallel attention+MLP.
-Anything else (gated MLPs, grouped-query attention, post-norm) is refused with a clear error.
+What it implements (``support.py`` lists every TL config field as honoured, refused or
+irrelevant; docs/discovery.md "Which models discovery supports"):
+
+- positions: learned (``W_pos``) or rotary, partial or full, in halves (Llama, Qwen2, OLMo,
+  GPTNeoX: the model's own ``inv_freq`` and attention scaling, rope types default, linear,
+  llama3, yarn, proportional) or adjacent pairs (GPT-J, native models, ``rotary_adjacent_pairs``);
+- norms: LayerNorm, RMSNorm, weightless forms, none; OLMo-2's post-sublayer RMSNorms (a head's
+  write is its output scaled by the norm of the layer's whole attention output, so the
+  writes still sum to the block's output); QK-norm per head or across heads (OLMo-2);
+- attention: causal or bidirectional, any scale, score soft-capping, grouped-query attention.
+  With GQA each *query* head keeps its own k and v port: the port reads its own residual and
+  projects it with its kv group's ``W_K`` / ``W_V``, so the graph's shape does not depend on
+  ``n_key_value_heads`` and, unablated, the forward is the model's;
+- MLPs: plain (relu, gelu, gelu_new, silu, ...) or gated (SwiGLU / GeGLU, ``W_gate``);
+  sequential or parallel attention+MLP; output logit soft-capping.
+
+Anything else is refused with a one-line :class:`CircuitsError` naming the field, and every
+new model is checked against the bridge's own forward on a probe batch (:func:`self_check`).
 """
 
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -24,6 +39,7 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from circuits.discovery.support import check_config
 from circuits.errors import CircuitsError
 from circuits.graph import GraphSpec
 
@@ -72,6 +88,18 @@ class _Norm:
         return out * inv
 
 
+    def split(self, parts: Float[Tensor, "n batch pos d"], total: Float[Tensor, "batch pos d"]) -> Tensor:
+        """Each part scaled as ``total`` is normalised: the parts' results sum to ``self(total)``.
+
+        For a post-sublayer RMSNorm (OLMo-2): head ``h`` writes ``w * o_h / rms(sum_h o_h)``.
+        """
+        if self.kind != "RMS" or self.bias is not None:
+            raise CircuitsError(f"a post-sublayer {self.kind} norm is not supported by circuit discovery (RMSNorm only)")
+        inv = torch.rsqrt(total.pow(2).mean(-1, keepdim=True) + self.eps)
+        out = parts * inv
+        return out * self.weight if self.weight is not None else out
+
+
 def _norm_of(module, cfg) -> _Norm:
     kind = getattr(cfg, "normalization_type", None)
     if module is None or kind is None:
@@ -87,8 +115,24 @@ def _norm_of(module, cfg) -> _Norm:
     raise CircuitsError(f"normalization_type {kind!r} is not supported by circuit discovery (LN, RMS or none)")
 
 
+def _rms_of(module) -> _Norm:
+    """An RMSNorm module of HF (``weight``, ``variance_epsilon`` or ``eps``), e.g. OLMo-2's post-norms and QK-norm."""
+    inner = getattr(module, "original_component", module)
+    eps = float(getattr(inner, "variance_epsilon", getattr(inner, "eps", 1e-6)))
+    return _Norm("RMS", _detach(getattr(inner, "weight", None)), None, eps)
+
+
 def _detach(t):
     return None if t is None else t.detach()
+
+
+def _weight(model, name: str) -> Tensor | None:
+    """``model.<name>`` detached, or None where the bridge has no such weight (bias-free models)."""
+    try:
+        value = getattr(model, name)
+    except (AttributeError, ValueError, RuntimeError):
+        return None
+    return None if value is None else value.detach()
 
 
 @dataclass
@@ -102,21 +146,24 @@ class Run:
 
 
 class FunctionalModel:
-    """TL-format weights of a bridge, and a forward whose edges can be switched one by one."""
+    """TL-format weights of a bridge, and a forward whose edges can be switched one by one.
 
-    def __init__(self, model) -> None:
+    Construction refuses by name what the forward does not implement (``support.check_config``
+    and the module checks below), then checks the forward against the bridge's own on a probe
+    batch (:func:`self_check`, once per model and weights).
+    """
+
+    def __init__(self, model, check: bool = True) -> None:
         cfg = model.cfg
+        check_config(cfg)
         self.cfg = cfg
         self.spec = GraphSpec.from_model(model)
         self.n_layers, self.n_heads = int(cfg.n_layers), int(cfg.n_heads)
         self.d_head = int(cfg.d_head)
-        if getattr(cfg, "gated_mlp", False):
-            raise CircuitsError("circuit discovery does not support gated MLPs yet (cfg.gated_mlp is True)")
-        n_kv = getattr(cfg, "n_key_value_heads", None)
-        if n_kv not in (None, cfg.n_heads):
-            raise CircuitsError(f"circuit discovery needs as many key/value heads as query heads, got {n_kv} vs {cfg.n_heads}")
         self.has_mlp = self.spec.has_mlp
         self.parallel = self.spec.parallel_attn_mlp
+        self.gated = bool(getattr(cfg, "gated_mlp", False))
+        self.causal = getattr(cfg, "attention_dir", "causal") == "causal"
         if self.has_mlp:
             act = getattr(cfg, "act_fn", None)
             if act not in _ACTS:
@@ -126,67 +173,83 @@ class FunctionalModel:
         if pos_type not in ("standard", "rotary"):
             raise CircuitsError(f"positional_embedding_type {pos_type!r} is not supported (standard or rotary)")
         self.rotary = pos_type == "rotary"
-
         with torch.no_grad():
-            self.W_E = model.W_E.detach()
-            self.W_pos = model.W_pos.detach() if pos_type == "standard" else None
-            self.W_O, self.b_O = model.W_O.detach(), model.b_O.detach()
-            # q, k and v of every head as one projection: [layer, 3*head, d_model, d_head]
-            self.W_QKV = torch.cat([model.W_Q, model.W_K, model.W_V], dim=1).detach()
-            self.b_QKV = torch.cat([model.b_Q, model.b_K, model.b_V], dim=1).detach()
-            if self.has_mlp:
-                self.W_in, self.b_in = model.W_in.detach(), model.b_in.detach()
-                self.W_out, self.b_out = model.W_out.detach(), model.b_out.detach()
-            self.W_U = model.W_U.detach()
-            try:
-                self.b_U = model.b_U.detach()
-            except (AttributeError, ValueError, RuntimeError):
-                self.b_U = torch.zeros(self.W_U.shape[-1], dtype=self.W_U.dtype, device=self.W_U.device)
-        self.ln1 = [_norm_of(getattr(model.blocks[layer], "ln1", None), cfg) for layer in range(self.n_layers)]
-        self.ln2 = [_norm_of(getattr(model.blocks[layer], "ln2", None), cfg) for layer in range(self.n_layers)]
-        self.ln_final = _norm_of(getattr(model, "ln_final", None), cfg)
-        scale = float(getattr(cfg, "attn_scale", -1.0) or -1.0)
-        self.attn_scale = scale if scale > 0 else (math.sqrt(self.d_head) if getattr(cfg, "use_attn_scale", True) else 1.0)
-        self._rotary_module = None
-        if self.rotary:
-            self._setup_rotary(model)
+            self._read_weights(model, pos_type)
+        self._read_norms(model)
+        self.attn_scale = _attention_scale(model)
+        self.attn_cap = float(getattr(cfg, "attn_scores_soft_cap", -1.0) or -1.0)
+        self.logits_cap = float(getattr(cfg, "output_logits_soft_cap", -1.0) or -1.0)
         self.device = self.W_E.device
         self.dtype = self.W_E.dtype
+        self.rotary_table: tuple[Tensor, Tensor] | None = _rotary_table(model, self.d_head) if self.rotary else None
+        self.adjacent_pairs = self.rotary and _adjacent_pairs(model)
+        if check:
+            self_check(self, model)
+
+    def _read_weights(self, model, pos_type: str) -> None:
+        cfg = self.cfg
+        H, n_kv = self.n_heads, int(getattr(cfg, "n_key_value_heads", None) or self.n_heads)
+        if H % n_kv:
+            raise CircuitsError(f"n_heads {H} is not a multiple of n_key_value_heads {n_kv}")
+        self.n_kv = n_kv
+        self.W_E = model.W_E.detach()
+        self.W_pos = model.W_pos.detach() if pos_type == "standard" else None
+        self.W_O = model.W_O.detach()
+        self.b_O = _zeros_if_none(_weight(model, "b_O"), (self.n_layers, self.W_O.shape[-1]), self.W_O)
+        # q, k and v of every *query* head as one projection: [layer, 3*head, d_model, d_head].
+        # With GQA each query head's k/v uses its group's weights (repeat_interleave, as HF's repeat_kv).
+        W_K, W_V = (_per_query_head(model.W_K.detach(), H), _per_query_head(model.W_V.detach(), H))
+        self.W_QKV = torch.cat([model.W_Q.detach(), W_K, W_V], dim=1)
+        bias_shape = (self.n_layers, H, self.d_head)
+        b_Q = _zeros_if_none(_weight(model, "b_Q"), bias_shape, self.W_QKV)
+        b_K = _per_query_head(_zeros_if_none(_weight(model, "b_K"), (self.n_layers, n_kv, self.d_head), self.W_QKV), H)
+        b_V = _per_query_head(_zeros_if_none(_weight(model, "b_V"), (self.n_layers, n_kv, self.d_head), self.W_QKV), H)
+        self.b_QKV = torch.cat([b_Q, b_K, b_V], dim=1)
+        if self.has_mlp:
+            self.W_in, self.W_out = model.W_in.detach(), model.W_out.detach()
+            d_mlp, d_model = self.W_in.shape[-1], self.W_out.shape[-1]
+            self.b_in = _zeros_if_none(_weight(model, "b_in"), (self.n_layers, d_mlp), self.W_in)
+            self.b_out = _zeros_if_none(_weight(model, "b_out"), (self.n_layers, d_model), self.W_in)
+            if self.gated:
+                W_gate = _weight(model, "W_gate")
+                if W_gate is None:
+                    raise CircuitsError("cfg.gated_mlp is True but the bridge has no W_gate")
+                self.W_gate = W_gate
+                self.b_gate = _zeros_if_none(_weight(model, "b_gate"), (self.n_layers, d_mlp), self.W_in)
+        self.W_U = model.W_U.detach()
+        self.b_U = _zeros_if_none(_weight(model, "b_U"), (self.W_U.shape[-1],), self.W_U)
+
+    def _read_norms(self, model) -> None:
+        cfg = self.cfg
+        blocks = [model.blocks[layer] for layer in range(self.n_layers)]
+        self.ln1 = [_norm_of(getattr(block, "ln1", None), cfg) for block in blocks]
+        # GPT-J's parallel block has one norm that attention and MLP share
+        self.ln2 = [_norm_of(_mlp_norm(block, self.parallel), cfg) for block in blocks]
+        self.ln_final = _norm_of(getattr(model, "ln_final", None), cfg)
+        # OLMo-2: RMSNorm after attention and after the MLP instead of before
+        self.ln1_post = [_rms_of(b.ln1_post) if getattr(b, "ln1_post", None) is not None else None for b in blocks]
+        self.ln2_post = [_rms_of(b.ln2_post) if getattr(b, "ln2_post", None) is not None else None for b in blocks]
+        self.q_norm = [_qk_norm(block, "q_norm", self.d_head) for block in blocks]
+        self.k_norm = [_qk_norm(block, "k_norm", self.d_head) for block in blocks]
+        # QK-norm across all heads (OLMo-2: weight [head * d_head]) or per head (weight [d_head])
+        self.qk_across = [q is not None and q.weight is not None and q.weight.numel() == self.n_heads * self.d_head > self.d_head
+                          for q in self.q_norm]
+        for layer, norm in enumerate(self.k_norm):
+            if norm is not None and norm.weight is not None and self.qk_across[layer] and self.n_kv < self.n_heads:
+                # k ports are per query head: expand the weight by group (a repeated group keeps its RMS)
+                w = _per_query_head(norm.weight.view(1, self.n_kv, self.d_head), self.n_heads).reshape(-1)
+                self.k_norm[layer] = _Norm("RMS", w, None, norm.eps)
 
     # ------------------------------------------------------------------ rotary
 
-    def _setup_rotary(self, model) -> None:
-        cfg = self.cfg
-        hf_config = getattr(getattr(model, "original_model", None), "config", None)
-        rotary_dim = getattr(cfg, "rotary_dim", None)
-        if rotary_dim is None and hf_config is not None:
-            params = getattr(hf_config, "rope_parameters", None) or {}
-            pct = params.get("partial_rotary_factor", getattr(hf_config, "rotary_pct", getattr(hf_config, "partial_rotary_factor", 1.0)))
-            rotary_dim = int(self.d_head * pct)
-        self.rotary_dim = int(rotary_dim or self.d_head)
-        base = None
-        if hf_config is not None:
-            params = getattr(hf_config, "rope_parameters", None) or {}
-            base = params.get("rope_theta", getattr(hf_config, "rotary_emb_base", None))
-            rope_type = params.get("rope_type", "default")
-            if rope_type != "default":
-                raise CircuitsError(f"rope_type {rope_type!r} is not supported by circuit discovery (default only)")
-        self.rotary_base = float(base if base is not None else getattr(cfg, "rotary_base", 10000))
-        if getattr(cfg, "rotary_adjacent_pairs", False):
-            raise CircuitsError("rotary with adjacent pairs (GPT-J style) is not supported by circuit discovery")
-
-    def _rotary_cos_sin(self, n_pos: int) -> tuple[Tensor, Tensor]:
-        dim = self.rotary_dim
-        inv_freq = 1.0 / (self.rotary_base ** (torch.arange(0, dim, 2, dtype=torch.float32, device=self.device) / dim))
-        angles = torch.arange(n_pos, dtype=torch.float32, device=self.device)[:, None] * inv_freq[None]
-        emb = torch.cat([angles, angles], dim=-1)
-        return emb.cos().to(self.dtype), emb.sin().to(self.dtype)
-
     def _rotate(self, x: Float[Tensor, "batch pos head d_head"], cos: Tensor, sin: Tensor) -> Tensor:
-        dim = self.rotary_dim
+        dim = cos.shape[-1]
         rot, rest = x[..., :dim], x[..., dim:]
-        half = dim // 2
-        rotated = torch.cat([-rot[..., half:], rot[..., :half]], dim=-1)
+        if self.adjacent_pairs:  # GPT-J / native: (x0, x1) -> (-x1, x0) for each adjacent pair
+            rotated = torch.stack([-rot[..., 1::2], rot[..., 0::2]], dim=-1).flatten(-2)
+        else:  # halves (Llama, GPTNeoX): (x_a, x_b) -> (-x_b, x_a)
+            half = dim // 2
+            rotated = torch.cat([-rot[..., half:], rot[..., :half]], dim=-1)
         rot = rot * cos[None, :, None, :] + rotated * sin[None, :, None, :]
         return torch.cat([rot, rest], dim=-1)
 
@@ -208,6 +271,7 @@ class FunctionalModel:
         grad_ports: bool = False,
         logit_positions: Tensor | None = None,
         keep_writers: bool = True,
+        trace: dict[str, Tensor] | None = None,
     ) -> Run:
         """Forward ``tokens``; with ``ablate`` [k, n_forward, n_backward] (or 2-D), run k copies.
 
@@ -217,7 +281,9 @@ class FunctionalModel:
         ``grad_ports`` adds a zero tensor requiring grad at every port (see :meth:`port_grads`).
         ``logit_positions`` (sorted positions) unembeds only there: ``logits`` is then
         [batch, len(logit_positions), vocab]. ``keep_writers=False`` (no ablation only) skips
-        collecting per-writer outputs (``writers`` is then empty).
+        collecting per-writer outputs (``writers`` is then empty). ``trace`` (a dict) receives
+        each layer's pattern, attention and MLP output under the bridge's hook names (the
+        self-check's diagnosis).
         """
         spec = self.spec
         if input_embeds is None:
@@ -240,8 +306,9 @@ class FunctionalModel:
                                                       requires_grad=True)
         batch, n_pos, _ = input_embeds.shape
         H = self.n_heads
-        cos_sin = self._rotary_cos_sin(n_pos) if self.rotary else None
-        causal = torch.ones(n_pos, n_pos, dtype=torch.bool, device=self.device).tril()
+        cos_sin = (self.rotary_table[0][:n_pos], self.rotary_table[1][:n_pos]) if self.rotary_table is not None else None
+        # bidirectional models attend everywhere: no mask
+        mask = torch.ones(n_pos, n_pos, dtype=torch.bool, device=self.device).tril() if self.causal else None
         writers: list[Tensor] = [input_embeds]
         ports: list[Tensor] = []  # filled only with grad_ports
         resid = input_embeds
@@ -284,25 +351,34 @@ class FunctionalModel:
             else:  # each q, k, v port reads its own (partly ablated) residual
                 normed = self.ln1[layer](port_input(resid, reader, 3 * H))
                 qkv = einops.einsum(normed, self.W_QKV[layer], "b p h d, h d e -> b p h e") + self.b_QKV[layer]
-            q, k, v = qkv[:, :, :H], qkv[:, :, H : 2 * H], qkv[:, :, 2 * H :]
+            q, k, v = self._qk_normed(layer, qkv)
             if cos_sin is not None:
                 q, k = self._rotate(q, *cos_sin), self._rotate(k, *cos_sin)
-            scores = einops.einsum(q, k, "b q h e, b k h e -> b h q k") / self.attn_scale
-            scores = scores.masked_fill(~causal, float("-inf"))
-            pattern = scores.softmax(-1)
+            pattern = self._pattern(q, k, mask)
             z = einops.einsum(pattern, v, "b h q k, b k h e -> b q h e")
+            post = self.ln1_post[layer]
             if keep_writers or ablate is not None:
                 heads = einops.einsum(z, self.W_O[layer], "b p h e, h e d -> h b p d")
+                if post is not None:  # a head writes its share of the normalised attention output
+                    total = heads.sum(0) + self.b_O[layer]
+                    heads, bias = post.split(heads, total), post.split(self.b_O[layer].expand_as(total)[None], total)[0]
+                else:
+                    bias = self.b_O[layer]
                 writers.extend(heads.unbind(0))
-                attn_out = heads.sum(0) + self.b_O[layer]
+                attn_out = heads.sum(0) + bias
             else:
                 attn_out = einops.einsum(z, self.W_O[layer], "b p h e, h e d -> b p d") + self.b_O[layer]
+                attn_out = post(attn_out) if post is not None else attn_out
+            if trace is not None:
+                trace[f"blocks.{layer}.attn.hook_pattern"] = pattern
+                trace[f"blocks.{layer}.hook_attn_out"] = attn_out
             reader += 3 * H
             if self.has_mlp:
                 base = resid if self.parallel else resid + attn_out
                 mlp_in = port_input(base, reader, 1)[:, :, 0]
-                hidden = self.act(self.ln2[layer](mlp_in) @ self.W_in[layer] + self.b_in[layer])
-                mlp_out = hidden @ self.W_out[layer] + self.b_out[layer]
+                mlp_out = self._mlp(layer, mlp_in)
+                if trace is not None:
+                    trace[f"blocks.{layer}.hook_mlp_out"] = mlp_out
                 writers.append(mlp_out)
                 reader += 1
                 resid = resid + attn_out + mlp_out
@@ -312,8 +388,49 @@ class FunctionalModel:
         if logit_positions is not None:
             final = final[:, logit_positions]
         logits = self.ln_final(final) @ self.W_U + self.b_U
+        if self.logits_cap > 0:
+            logits = self.logits_cap * torch.tanh(logits / self.logits_cap)
         stacked = torch.stack(writers) if keep_writers or ablate is not None else input_embeds.new_zeros(0)
         return Run(logits, stacked, ports if grad_ports else None, port_inputs if ablate is None and grad_ports else None)
+
+    def _qk_normed(self, layer: int, qkv: Float[Tensor, "batch pos three_head d_head"]) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k, v [batch pos head d_head], with QK-norm where the model has it.
+
+        Across heads (OLMo-2) the norm sees the concatenation of every head's projection, each
+        from its own port's input (as TL's split-qkv path does); per head it sees one head's.
+        """
+        H = self.n_heads
+        q, k, v = qkv[:, :, :H], qkv[:, :, H : 2 * H], qkv[:, :, 2 * H :]
+        q_norm, k_norm = self.q_norm[layer], self.k_norm[layer]
+        if self.qk_across[layer]:
+            if q_norm is not None:
+                q = q_norm(q.flatten(-2)).view_as(q)
+            if k_norm is not None:
+                k = k_norm(k.flatten(-2)).view_as(k)
+        else:
+            q = q_norm(q) if q_norm is not None else q
+            k = k_norm(k) if k_norm is not None else k
+        return q, k, v
+
+    def _pattern(self, q: Float[Tensor, "batch pos head d_head"], k: Float[Tensor, "batch pos head d_head"],
+                 mask: Tensor | None) -> Float[Tensor, "batch head query key"]:
+        scores = einops.einsum(q, k, "b q h e, b k h e -> b h q k") / self.attn_scale
+        if self.attn_cap > 0:  # soft cap before the mask, as Gemma-2 and TL's native model do
+            scores = self.attn_cap * torch.tanh(scores / self.attn_cap)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        return scores.softmax(-1)
+
+    def _mlp(self, layer: int, mlp_in: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+        x = self.ln2[layer](mlp_in)
+        pre = x @ self.W_in[layer] + self.b_in[layer]
+        if self.gated:  # SwiGLU / GeGLU: the activation gates the linear "in" projection
+            hidden = self.act(x @ self.W_gate[layer] + self.b_gate[layer]) * pre
+        else:
+            hidden = self.act(pre)
+        out = hidden @ self.W_out[layer] + self.b_out[layer]
+        post = self.ln2_post[layer]
+        return post(out) if post is not None else out
 
     def port_grads(self, run: Run, value: Tensor) -> Float[Tensor, "n_backward batch pos d_model"]:
         """``d value / d input of each reader port``, stacked in ``spec.backward_names`` order."""
@@ -337,3 +454,172 @@ class FunctionalModel:
     @staticmethod
     def _single_port(grad: Tensor) -> Tensor:
         return grad[:, :, 0]
+
+
+# ---------------------------------------------------------------------- reading the model
+
+
+def _per_query_head(weight: Tensor, n_heads: int) -> Tensor:
+    """[layer, kv_head, ...] -> [layer, head, ...]: query head h uses kv group h // (n_heads / kv_heads)."""
+    n_kv = weight.shape[1]
+    return weight if n_kv == n_heads else weight.repeat_interleave(n_heads // n_kv, dim=1)
+
+
+def _zeros_if_none(bias: Tensor | None, shape: tuple[int, ...], like: Tensor) -> Tensor:
+    return torch.zeros(shape, dtype=like.dtype, device=like.device) if bias is None else bias
+
+
+def _qk_norm(block, name: str, d_head: int) -> _Norm | None:
+    """The attention's ``q_norm`` / ``k_norm`` (RMSNorm), or None; other QK-norms are refused."""
+    module = getattr(block.attn, name, None)
+    if module is None:
+        return None
+    inner = getattr(module, "original_component", module)
+    if "RMS" not in type(inner).__name__:
+        raise CircuitsError(f"QK-norm {type(inner).__name__} ({name}) is not supported by circuit discovery (RMSNorm only)")
+    return _rms_of(module)
+
+
+def _mlp_norm(block, parallel: bool):
+    """The norm before the MLP: ``ln2``, or in a parallel block without one (GPT-J) the shared ``ln1``."""
+    ln2 = getattr(block, "ln2", None)
+    return getattr(block, "ln1", None) if ln2 is None and parallel else ln2
+
+
+def _hf_attention(model):
+    attn = model.blocks[0].attn
+    return getattr(attn, "original_component", None)
+
+
+def _attention_scale(model) -> float:
+    """What scores are divided by: the HF attention's own ``scaling``, else as TL's native model."""
+    cfg = model.cfg
+    scaling = getattr(_hf_attention(model), "scaling", None)
+    if isinstance(scaling, int | float) and scaling > 0:
+        return 1.0 / float(scaling)
+    scale = float(getattr(cfg, "attn_scale", -1.0) or -1.0)
+    # NativeAttention: attn_scale when use_attn_scale and attn_scale > 0, else sqrt(d_head)
+    return scale if getattr(cfg, "use_attn_scale", True) and scale > 0 else math.sqrt(int(cfg.d_head))
+
+
+_STATIC_ROPE = ("default", "linear", "llama3", "yarn", "proportional")
+
+
+def _adjacent_pairs(model) -> bool:
+    """GPT-J, TL's native model and ``rotary_adjacent_pairs`` rotate adjacent pairs; the rest halves."""
+    architecture = getattr(model.cfg, "architecture", None)
+    return bool(getattr(model.cfg, "rotary_adjacent_pairs", False)) or architecture in ("GPTJForCausalLM",
+                                                                                          "TransformerLensNative")
+
+
+def _rotary_table(model, d_head: int) -> tuple[Tensor, Tensor]:
+    """cos, sin [n_ctx, rotary_dim] in the layout the model rotates (halves or adjacent pairs)."""
+    cfg, original = model.cfg, getattr(model, "original_model", None)
+    n_ctx = int(cfg.n_ctx)
+    native = getattr(original, "rotary", None)
+    if native is not None and hasattr(native, "cos_cached"):  # TL native: tables already interleaved
+        return native.cos_cached[:n_ctx].detach(), native.sin_cached[:n_ctx].detach()
+    dtype = model.W_E.dtype
+    if getattr(cfg, "architecture", None) == "GPTJForCausalLM":
+        table = next((m for m in original.modules() if hasattr(m, "embed_positions")), None) if original is not None else None
+        sincos = getattr(table, "embed_positions", None)
+        if sincos is None:
+            raise CircuitsError("GPT-J has no embed_positions table: cannot read its rotary positions")
+        sin, cos = sincos[:n_ctx].detach().float().chunk(2, dim=-1)
+        return cos.repeat_interleave(2, -1).to(dtype), sin.repeat_interleave(2, -1).to(dtype)
+    rope = next((m for m in original.modules() if hasattr(m, "inv_freq") and hasattr(m, "attention_scaling")), None) \
+        if original is not None else None
+    if rope is None:
+        raise CircuitsError(f"rotary model {cfg.architecture!r} has no rotary module with inv_freq: not supported by "
+                            "circuit discovery")
+    rope_type = getattr(rope, "rope_type", "default")
+    if rope_type not in _STATIC_ROPE:
+        raise CircuitsError(f"circuit discovery does not support rope_type {rope_type!r}: its frequencies depend on the "
+                            f"sequence length (supported: {', '.join(_STATIC_ROPE)})")
+    inv_freq = rope.inv_freq.detach().float()
+    angles = torch.arange(n_ctx, dtype=torch.float32, device=inv_freq.device)[:, None] * inv_freq[None]
+    scaling = float(rope.attention_scaling)
+    if _adjacent_pairs(model):
+        emb = angles.repeat_interleave(2, -1)
+    else:
+        emb = torch.cat([angles, angles], dim=-1)
+    if emb.shape[-1] > d_head:
+        raise CircuitsError(f"rotary dimension {emb.shape[-1]} exceeds d_head {d_head}")
+    return (emb.cos() * scaling).to(dtype), (emb.sin() * scaling).to(dtype)
+
+
+# ---------------------------------------------------------------------- the self-check
+
+SELF_CHECK_RTOL = 1e-4  # relative max error of the probe's logits
+_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> fingerprint it passed with
+
+
+def probe_tokens(cfg) -> Int[Tensor, "2 pos"]:
+    """2 x min(n_ctx, 16) deterministic tokens spread over the vocabulary."""
+    n = min(int(cfg.n_ctx), 16)
+    vocab = int(cfg.d_vocab)
+    return (torch.arange(2 * n) * 7919 + 3).remainder(vocab).view(2, n)
+
+
+def _fingerprint(model) -> tuple:
+    """Which weights (storage and in-place version) and config values a check passed with."""
+    weights = tuple((p.data_ptr(), p._version) for p in model.parameters())
+    config = tuple(sorted((k, repr(v)) for k, v in vars(model.cfg).items() if not k.startswith("_")))
+    return weights, config
+
+
+def self_check(fm: FunctionalModel, model) -> None:
+    """The functional forward's logits equal the bridge's on :func:`probe_tokens`, else one-line CircuitsError.
+
+    Cached per model object: a model whose weights (storage or in-place version) and config
+    are those of an earlier passing check is not probed again.
+    """
+    fingerprint = _fingerprint(model)
+    if _CHECKED.get(model) == fingerprint:
+        return
+    tokens = probe_tokens(model.cfg).to(fm.device)
+    was_training = model.training
+    model.eval()  # dropout would make the bridge's probe differ by chance
+    try:
+        with torch.no_grad():
+            expected = model(tokens)
+            got = fm.run(tokens, keep_writers=False).logits
+        error = _relative_error(got, expected)
+        if not error <= SELF_CHECK_RTOL:  # also catches NaN
+            raise CircuitsError(_diagnose(fm, model, tokens, error))
+    finally:
+        model.train(was_training)
+    _CHECKED[model] = fingerprint
+
+
+def _relative_error(got: Tensor, expected: Tensor) -> float:
+    if got.shape != expected.shape:
+        return float("inf")
+    scale = expected.abs().max().clamp_min(1e-12)
+    return float(((got - expected).abs().max() / scale).item())
+
+
+_FEATURES = {
+    "hook_pattern": "the attention pattern (mask / attention_dir, attention scale, rotary positions, QK-norm or soft cap)",
+    "hook_attn_out": "the attention output (values, grouped-query heads, W_O or a post-attention norm)",
+    "hook_mlp_out": "the MLP output (activation, gate or a post-MLP norm)",
+}
+
+
+def _diagnose(fm: FunctionalModel, model, tokens: Tensor, error: float) -> str:
+    """One line: where the functional forward first departs from the bridge's, and what that points at."""
+    head = (f"circuit discovery's functional forward does not reproduce this {getattr(model.cfg, 'architecture', '')} "
+            f"model (probe logits differ by {error:.1e} relative, above {SELF_CHECK_RTOL:g})")
+    trace: dict[str, Tensor] = {}
+    try:
+        with torch.no_grad():
+            fm.run(tokens, keep_writers=False, trace=trace)
+            _, cache = model.run_with_cache(tokens, names_filter=lambda name: name in trace)
+    except Exception:  # the diagnosis is best effort: the error size is still reported
+        return head
+    for layer in range(fm.n_layers):
+        for hook in ("hook_pattern", "hook_attn_out", "hook_mlp_out"):
+            name = f"blocks.{layer}.attn.{hook}" if hook == "hook_pattern" else f"blocks.{layer}.{hook}"
+            if name in trace and name in cache and _relative_error(trace[name], cache[name]) > SELF_CHECK_RTOL:
+                return f"{head}: first at {name}, {_FEATURES[hook]}"
+    return f"{head}: every layer agrees, so the final norm or unembedding (ln_final, output soft cap) differs"
