@@ -375,3 +375,20 @@ def test_bench_discover_runs_small_and_agrees_with_tl(capsys):
     assert figures["eap_vs_tl_max_rel_err"] <= 1e-4
     assert {"forward", "forward_backward", "eap", "eap-ig2", "patching", "tl_attribution_patch_edge"} <= set(figures["seconds"])
     assert "speed-up" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("which", ["neox", "native_mlp", "native_attn"])
+def test_replacing_a_writer_equals_ablating_every_edge_it_writes(which, request):
+    """The node-effect path (one residual, writer outputs swapped) against the edge path (every
+    reader port of the writer ablated, a residual per port)."""
+    model = request.getfixturevalue(which)
+    fm = FunctionalModel(model)
+    tokens = torch.randint(0, int(model.cfg.d_vocab) - 1, (3, min(8, int(model.cfg.n_ctx))),
+                           generator=torch.Generator().manual_seed(0))
+    corrupted = torch.randint(0, int(model.cfg.d_vocab) - 1, tokens.shape, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        reference = fm.run(corrupted).writers
+        rows = torch.eye(fm.spec.n_forward)
+        by_edges = fm.run(tokens, ablate=rows[:, :, None].expand(-1, -1, fm.spec.n_backward), reference=reference)
+        by_writers = fm.run(tokens, replace=rows, reference=reference)
+    torch.testing.assert_close(by_writers.logits, by_edges.logits, atol=1e-5, rtol=1e-5)

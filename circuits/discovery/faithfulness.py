@@ -85,14 +85,12 @@ class Evaluator:
         """Each example's metric change when one writer's output is ablated for every reader at
         once (``input``: the whole embedding), by this evaluator's ablation; ``n_forward`` copies
         of the batch, ``chunk`` per forward."""
-        spec = self.fm.spec
-        chunk = chunk or _default_chunk(self.fm, self.task, spec.n_forward, budget=5e7)
+        n = self.fm.spec.n_forward
+        chunk = chunk or _default_chunk(self.fm, self.task, n, budget=5e7)
         out = []
-        for start in range(0, spec.n_forward, chunk):
-            stop = min(start + chunk, spec.n_forward)
-            rows = torch.zeros(stop - start, *spec.shape, device=self.fm.device, dtype=self.fm.dtype)
-            rows[torch.arange(stop - start), torch.arange(start, stop)] = 1.0  # invalid pairs are masked in run
-            out.append(self.ablator.per_example(rows).double() - self.clean_each[None])
+        for start in range(0, n, chunk):
+            rows = torch.eye(n, device=self.fm.device, dtype=self.fm.dtype)[start : start + chunk]
+            out.append(self.ablator.per_example_replaced(rows).double() - self.clean_each[None])
         return torch.cat(out).T.float().cpu().numpy()
 
 

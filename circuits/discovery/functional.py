@@ -135,6 +135,13 @@ def _weight(model, name: str) -> Tensor | None:
     return None if value is None else value.detach()
 
 
+def _replaced(out: Float[Tensor, "kb pos d"], ref: Float[Tensor, "b pos d"], weight: Float[Tensor, " k"]) -> Tensor:
+    """Copy ``i`` of ``out`` (its rows ``i*b..(i+1)*b``) moved ``weight[i]`` of the way to ``ref``."""
+    k = weight.shape[0]
+    copies = out.view(k, -1, *out.shape[1:])
+    return (copies + weight[:, None, None, None] * (ref[None] - copies)).view_as(out)
+
+
 @dataclass
 class Run:
     """One functional forward: logits, every writer's output, and the port perturbations."""
@@ -272,6 +279,7 @@ class FunctionalModel:
         logit_positions: Tensor | None = None,
         keep_writers: bool = True,
         trace: dict[str, Tensor] | None = None,
+        replace: Float[Tensor, "k n_forward"] | None = None,
     ) -> Run:
         """Forward ``tokens``; with ``ablate`` [k, n_forward, n_backward] (or 2-D), run k copies.
 
@@ -283,12 +291,21 @@ class FunctionalModel:
         [batch, len(logit_positions), vocab]. ``keep_writers=False`` (no ablation only) skips
         collecting per-writer outputs (``writers`` is then empty). ``trace`` (a dict) receives
         each layer's pattern, attention and MLP output under the bridge's hook names (the
-        self-check's diagnosis).
+        self-check's diagnosis). ``replace`` [k, n_forward] runs k copies in which every reader
+        gets writer ``u``'s ``reference`` output where ``replace[i, u]`` is 1: the same as
+        ablating all of ``u``'s edges, without a residual per port (node effects).
         """
         spec = self.spec
         if input_embeds is None:
             input_embeds = self.embed(tokens)
         n_copies = 1
+        if replace is not None:
+            if ablate is not None or reference is None or tuple(replace.shape[1:]) != (spec.n_forward,):
+                raise CircuitsError(f"replacing writers needs a [k, {spec.n_forward}] mask and the reference outputs, "
+                                    "without an edge ablation")
+            replace = replace.to(self.dtype)
+            n_copies = replace.shape[0]
+            input_embeds = _replaced(input_embeds.repeat(n_copies, 1, 1), reference[0], replace[:, 0])
         if ablate is not None:
             if reference is None:
                 raise CircuitsError("ablating edges needs the reference writer outputs (corrupted or mean run)")
@@ -357,13 +374,17 @@ class FunctionalModel:
             pattern = self._pattern(q, k, mask)
             z = einops.einsum(pattern, v, "b h q k, b k h e -> b q h e")
             post = self.ln1_post[layer]
-            if keep_writers or ablate is not None:
+            if keep_writers or ablate is not None or replace is not None:
                 heads = einops.einsum(z, self.W_O[layer], "b p h e, h e d -> h b p d")
                 if post is not None:  # a head writes its share of the normalised attention output
                     total = heads.sum(0) + self.b_O[layer]
                     heads, bias = post.split(heads, total), post.split(self.b_O[layer].expand_as(total)[None], total)[0]
                 else:
                     bias = self.b_O[layer]
+                if replace is not None and reference is not None:
+                    first = len(writers)
+                    heads = torch.stack([_replaced(heads[h], reference[first + h], replace[:, first + h])
+                                         for h in range(H)])
                 writers.extend(heads.unbind(0))
                 attn_out = heads.sum(0) + bias
             else:
@@ -377,6 +398,8 @@ class FunctionalModel:
                 base = resid if self.parallel else resid + attn_out
                 mlp_in = port_input(base, reader, 1)[:, :, 0]
                 mlp_out = self._mlp(layer, mlp_in)
+                if replace is not None and reference is not None:
+                    mlp_out = _replaced(mlp_out, reference[len(writers)], replace[:, len(writers)])
                 if trace is not None:
                     trace[f"blocks.{layer}.hook_mlp_out"] = mlp_out
                 writers.append(mlp_out)
@@ -390,7 +413,8 @@ class FunctionalModel:
         logits = self.ln_final(final) @ self.W_U + self.b_U
         if self.logits_cap > 0:
             logits = self.logits_cap * torch.tanh(logits / self.logits_cap)
-        stacked = torch.stack(writers) if keep_writers or ablate is not None else input_embeds.new_zeros(0)
+        kept = keep_writers or ablate is not None or replace is not None
+        stacked = torch.stack(writers) if kept else input_embeds.new_zeros(0)
         return Run(logits, stacked, ports if grad_ports else None, port_inputs if ablate is None and grad_ports else None)
 
     def _qk_normed(self, layer: int, qkv: Float[Tensor, "batch pos three_head d_head"]) -> tuple[Tensor, Tensor, Tensor]:

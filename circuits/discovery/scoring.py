@@ -180,6 +180,15 @@ class Ablator:
         values = _metric(run.logits, _repeat(self.answers, k), self.clean_at.repeat(k, 1, 1))
         return values.view(k, self.task.n_examples)
 
+    @torch.no_grad()
+    def per_example_replaced(self, rows: torch.Tensor) -> torch.Tensor:
+        """[k, n_forward] writer masks (1 = that writer's output read from ``reference`` by every
+        reader) -> [k, n_examples] metrics."""
+        k = rows.shape[0]
+        run = self.fm.run(self.tokens, replace=rows, reference=self.reference, logit_positions=self.positions)
+        values = _metric(run.logits, _repeat(self.answers, k), self.clean_at.repeat(k, 1, 1))
+        return values.view(k, self.task.n_examples)
+
     def metrics(self, masks: torch.Tensor) -> torch.Tensor:
         """[k, n_forward, n_backward] masks (1 = ablated) -> [k] mean metrics."""
         return self.per_example(masks).mean(1)
