@@ -356,13 +356,19 @@ class FunctionalModel:
             return x
 
         port_inputs: list[Tensor] = []
+        def ablated_here(first: int, count: int) -> bool:
+            return ablate is not None and bool(ablate[:, : len(writers), first : first + count].any())
+
         for layer in range(self.n_layers):
-            if ablate is None:
+            # A layer none of whose ports is ablated reads one residual per copy, as unablated:
+            # normalise it once rather than once per port (exact patching of edges into later
+            # layers, grouped by reader, skips the per-port residuals here).
+            if not ablated_here(reader, 3 * H) and not (grad_ports and ablate is not None):
                 # Every port of the layer reads the same residual: normalise once. Gradients per
                 # port come from d/dq, d/dk, d/dv through the norm's vjp (see port_grads).
                 normed = self.ln1[layer](resid)
                 qkv = einops.einsum(normed, self.W_QKV[layer], "b p d, h d e -> b p h e") + self.b_QKV[layer]
-                if grad_ports:
+                if grad_ports and ablate is None:
                     ports.append(qkv)
                     port_inputs.append(resid.detach())
             else:  # each q, k, v port reads its own (partly ablated) residual

@@ -136,7 +136,9 @@ def score_patching(fm: FunctionalModel, task: Task, edges_per_forward: int | Non
     """Exact, per example: for every edge, the metric change when its reader gets the corrupted
     writer output."""
     spec = fm.spec
-    pairs = np.argwhere(spec.valid)
+    # By reader, so that a forward's copies ablate ports of one layer: the layers before it run
+    # as unablated (see FunctionalModel.run).
+    pairs = np.argwhere(spec.valid.T)[:, ::-1]
 
     def one_edge_each(start: int, stop: int) -> torch.Tensor:
         block = pairs[start:stop]
