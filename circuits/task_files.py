@@ -404,7 +404,7 @@ def _task_from(path: Path, rows: list[tuple[_Where, _Example]], metric: str | Me
     has_wrong = [ex.wrong is not None for ex in examples]
     if any(has_wrong) and not all(has_wrong):
         where = rows[has_wrong.index(not has_wrong[0])][0]
-        said = "gives none" if has_wrong[0] else "gives some"
+        said = "gives some" if has_wrong[0] else "gives none"
         raise where.error("wrong", f"{'missing' if has_wrong[0] else 'given'}, while an earlier row {said}; give "
                                    "wrong answers in every row or in none")
     positions = _padded([ex.positions for ex in examples], n_ans, 0)  # a padded slot reads position 0, masked
