@@ -11,7 +11,7 @@ JSONL, one object per line (blank lines skipped; ``row N`` in a message is line 
 
     {"clean": "When Mary and John went out, John gave it to", "corrupted": "When Anne and Paul went out, Eve gave it to",
      "correct": " Mary", "wrong": [" John", " Paul"]}
-    {"clean": [5, 9, 2], "corrupted": [7, 9, 2], "correct": 4, "answer_pos": -1, "metric": "logit_diff_max"}
+    {"clean": [5, 9, 2], "corrupted": [7, 9, 2], "answer_pos": [0, -1], "correct": [4, [3, 6]], "wrong": [2, 1]}
 
 - ``correct`` (required), ``wrong`` (optional): an answer, or a list of answers read at one
   position. An answer is a token id or a text that is exactly one token (mind the space:
