@@ -156,7 +156,8 @@ def sweep(
     existing = store.read_study_json(out)
     if existing is not None:
         _refuse_mismatch(out, existing, "manifest", manifest.to_yaml(), existing["manifest"], "use the same manifest")
-        _refuse_mismatch(out, existing, "task", task_name, existing["task"]["name"], f"use --task {existing['task']['name']}")
+        made_by = existing["task"].get("options", {}).get("file") or existing["task"]["name"]  # a task file: its path
+        _refuse_mismatch(out, existing, "task", task_name, existing["task"]["name"], f"use --task {made_by}")
         _refuse_mismatch(out, existing, "dtype", config.dtype, existing["dtype"], f"use --dtype {existing['dtype']}")
     landed = _landed_shards(out, selected)
     pending = [s for s in selected if s not in landed.done]

@@ -407,7 +407,8 @@ def _task_from(path: Path, rows: list[tuple[_Where, _Example]], metric: str | Me
         said = "gives some" if has_wrong[0] else "gives none"
         raise where.error("wrong", f"{'missing' if has_wrong[0] else 'given'}, while an earlier row {said}; give "
                                    "wrong answers in every row or in none")
-    positions = _padded([ex.positions for ex in examples], n_ans, 0)  # a padded slot reads position 0, masked
+    # A padded slot reads the row's first answer position (masked): no extra position to unembed.
+    positions = torch.tensor([ex.positions + ex.positions[:1] * (n_ans - len(ex.positions)) for ex in examples])
     correct = _answer_tensor([ex.correct for ex in examples], n_ans)
     wrong = _answer_tensor([ex.wrong for ex in examples if ex.wrong is not None], n_ans) if all(has_wrong) else None
     return Task(name, _padded([ex.clean for ex in examples], width, pad_id),

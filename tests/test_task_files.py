@@ -149,7 +149,7 @@ def test_jsonl_text_and_token_ids_with_answer_sets_and_several_positions(tmp_pat
     task = load_task_file(path, model, metric="logit_diff_max")
     n0 = len(_ids(model, IOI_ROWS[0][0]))
     assert task.lengths.tolist() == [n0, 3] and task.metric == "logit_diff_max"
-    assert task.answer_pos.tolist() == [[n0 - 1, 0], [0, 2]]  # example 0's second slot is padding
+    assert task.answer_pos.tolist() == [[n0 - 1, n0 - 1], [0, 2]]  # example 0: its second slot is padding
     assert task.correct.tolist() == [[[mary, PAD], [PAD, PAD]], [[anne, paul], [john, PAD]]]
     assert task.wrong.tolist() == [[[john, _one(model, "Eve")], [PAD, PAD]], [[mary, PAD], [mary, paul]]]
     assert task.clean[1].tolist() == [mary, john, anne] + [task.options["pad_id"]] * (n0 - 3)
