@@ -237,7 +237,7 @@ def test_padding_is_refused_for_a_bidirectional_model_and_text_needs_a_tokenizer
 # ---------------------------------------------------------------- padding is exact
 
 
-@pytest.mark.parametrize("method", ["eap", "patching"])
+@pytest.mark.parametrize("method", ["eap", "eap-ig", "patching"])
 def test_a_padded_row_scores_as_that_row_alone(tmp_path, model, method):
     task = load_task_file(_ioi_csv(tmp_path / "ioi.csv", model), model)
     assert task.is_padded
@@ -297,6 +297,11 @@ def test_sweep_of_an_ioi_csv_and_a_jsonl_makes_readable_studies(tmp_path, run_di
             want = metric_per_example(model(task.clean), task).numpy()
         np.testing.assert_allclose(study.metric(per_example=True)[0], want, rtol=1e-4, atol=1e-5)
         assert study.array_at(0, "task/lengths").tolist() == task.lengths.tolist()
+        # the stored loss reads the answer positions only: minus the log-probability of the correct token
+        logprob = type(task)("lp", task.clean, task.corrupted, task.answer_pos, task.correct, metric="logprob",
+                             lengths=task.lengths)
+        np.testing.assert_allclose(study.loss(per_example=True)[0], -metric_per_example(model(task.clean), logprob)
+                                   .detach().numpy(), rtol=1e-4, atol=1e-5)
         assert study.has("circuit/scores")
 
 

@@ -278,3 +278,32 @@ def test_bad_answer_sets_and_lengths_are_refused(correct, wrong, lengths, patter
     with pytest.raises(CircuitsError, match=pattern):
         Task("t", tokens, tokens, torch.tensor([[-1]]), torch.tensor(correct),
              None if wrong is None else torch.tensor(wrong), lengths=None if lengths is None else torch.tensor(lengths))
+
+
+def test_a_stored_task_with_sets_lengths_and_a_user_metric_reads_back():
+    from circuits.store import task_from_record
+    from circuits.tasks import METRICS, UnavailableMetric, register_metric
+    from circuits.visit import task_record
+
+    tokens = torch.tensor([[1, 2, 3], [4, 5, 0]])
+    register_metric("margin-test")(lambda at, t, c: at[:, 0, 0])
+    try:
+        task = Task("mine", tokens, tokens.flip(1), torch.tensor([[2], [1]]), torch.tensor([[[2, -1]], [[1, 0]]]),
+                    torch.tensor([[[0]], [[2]]]), metric="margin-test", lengths=torch.tensor([3, 2]))
+        record = json_roundtrip(task_record(task))
+        assert record["metric"] == "margin-test" and record["padded"]
+        back = task_from_record(record)
+        assert back.prompt_hash() == task.prompt_hash() and back.lengths.tolist() == [3, 2]
+        assert torch.equal(back.correct, task.correct) and back.metric == "margin-test"
+    finally:
+        METRICS.pop("margin-test")
+    unregistered = task_from_record(record)  # the arrays read; the metric says what it needs
+    assert isinstance(unregistered.metric, UnavailableMetric) and unregistered.prompt_hash() == task.prompt_hash()
+    with pytest.raises(CircuitsError, match=r"register_metric\('margin-test'\)"):
+        metric_per_example(torch.zeros(2, 3, 4), unregistered)
+
+
+def json_roundtrip(record):
+    import json
+
+    return json.loads(json.dumps(record))
