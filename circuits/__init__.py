@@ -20,6 +20,7 @@ _LAZY = {
     "train_recipe": "circuits.recipes",
     "Task": "circuits.tasks",
     "make_task": "circuits.tasks",
+    "load_task_file": "circuits.task_files",
     "open_study": "circuits.store",
 }
 

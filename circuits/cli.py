@@ -84,7 +84,7 @@ def demo(
 @app.command()
 def sweep(
     manifest: Annotated[str, typer.Argument(help="Manifest YAML, run folder, or built-in manifest name")],
-    task: Annotated[str, typer.Option(help="Task name (induction, modular-addition, ...)")],
+    task: Annotated[str, typer.Option(help="Task name (induction, modular-addition, ioi, greater-than) or a task file: PATH.jsonl or PATH.csv (EAP-IG's IOI and greater-than CSVs read as they are; docs/discovery.md)")],
     out: Annotated[Path, typer.Option(help="Study folder (created; an existing study is resumed)")],
     steps: Annotated[str | None, typer.Option(help="Step selection: all, every:K, log:N, range:A-B[:K], first:N, last:N, or 0,100,200")] = None,
     hooks: Annotated[str | None, typer.Option(help="Activations to cache: names or globs, comma-separated, or 'none' [default: blocks.*.hook_resid_post,blocks.*.attn.hook_z]")] = None,

@@ -32,7 +32,8 @@ from circuits.executors import (
 from circuits.graph import GraphSpec
 from circuits.manifest import Manifest, load_manifest
 from circuits.steps import select_steps, spread_steps
-from circuits.tasks import Task, make_task
+from circuits.task_files import resolve_task, task_name_of
+from circuits.tasks import Task
 from circuits.visit import (
     Analysis,
     VisitPlan,
@@ -116,7 +117,7 @@ def builtin_analyses(method: str = "none") -> list[tuple[str, Analysis]]:
 
 def sweep(
     manifest: Manifest | str | Path,
-    task: str | Task,
+    task: str | Path | Task,
     out: str | Path,
     config: SweepConfig | None = None,
     *,
@@ -133,6 +134,9 @@ def sweep(
     opened Study. ``analyses=None`` runs the built-in ones (``builtin_analyses(method)``);
     pass ``()`` for none.
 
+    ``task`` is a built-in task's name, a task file (``PATH.jsonl`` or ``PATH.csv``, read with
+    the model's tokenizer: ``circuits.task_files``) or a ``Task``.
+
     Each pending step runs on the config's executor (``local``: this process; ``ray``: one Ray
     task per step; see docs/scaling.md), or on an executor object from ``circuits.executors``
     passed as ``executor``. Shards are the unit, so a sweep resumes whatever executor began it.
@@ -145,7 +149,7 @@ def sweep(
     selected = select_steps(config.steps, manifest.steps)
     analyses = builtin_analyses(config.method) if analyses is None else analyses
     _check_analysis_names(analyses)
-    task_name = task if isinstance(task, str) else task.name
+    task_name = task_name_of(task)
 
     out = Path(out)
     _check_writable(out)
@@ -153,7 +157,8 @@ def sweep(
     existing = store.read_study_json(out)
     if existing is not None:
         _refuse_mismatch(out, existing, "manifest", manifest.to_yaml(), existing["manifest"], "use the same manifest")
-        _refuse_mismatch(out, existing, "task", task_name, existing["task"]["name"], f"use --task {existing['task']['name']}")
+        made_by = existing["task"].get("options", {}).get("file") or existing["task"]["name"]  # a task file: its path
+        _refuse_mismatch(out, existing, "task", task_name, existing["task"]["name"], f"use --task {made_by}")
         _refuse_mismatch(out, existing, "dtype", config.dtype, existing["dtype"], f"use --dtype {existing['dtype']}")
     landed = _landed_shards(out, selected)
     pending = [s for s in selected if s not in landed.done]
@@ -185,7 +190,7 @@ class _Prepared:
     model: Any = None  # the first pending step's model, for an executor that can reuse it
 
 
-def _prepare(manifest: Manifest, task: str | Task, out: Path, config: SweepConfig,
+def _prepare(manifest: Manifest, task: str | Path | Task, out: Path, config: SweepConfig,
              analyses: tuple[tuple[str, Analysis], ...], existing: dict[str, Any] | None, probe_step: int,
              reuse_model: bool, trust_at: list[int]) -> _Prepared:
     """The task, the hooks and study.json, from the model of the first step to visit.
@@ -200,10 +205,7 @@ def _prepare(manifest: Manifest, task: str | Task, out: Path, config: SweepConfi
     from circuits.loading import load
 
     model = load(manifest, probe_step, config.device if reuse_model else "cpu")
-    if isinstance(task, str):
-        task = make_task(task, model, config.n_examples, config.seed)
-    else:
-        task.check_fits(model.cfg.d_vocab, model.cfg.n_ctx)
+    task = resolve_task(task, model, config.n_examples, config.seed)
     check_causal(model, manifest)
     hook_names = resolve_hooks(model, config.hooks)
     record = study_record(manifest, task, model, config, hook_names)

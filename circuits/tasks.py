@@ -4,6 +4,27 @@ A task is data, not code: token tensors plus where the answers are read. The met
 model's logits into one number per example (higher = the task is done better); circuit
 discovery explains the gap between the clean and the corrupted metric.
 
+Answers come in *slots*: ``answer_pos[b, j]`` is where slot ``j`` of example ``b`` is read,
+``correct[b, j]`` its correct token, or with a third dimension ``correct[b, j, :]`` a set of
+correct tokens padded with ``PAD`` (-1); ``wrong`` likewise. A slot whose correct tokens are
+all ``PAD`` is padding (rows with fewer answer positions); the metric averages the real slots.
+Prompts of different lengths are right-padded to one length, their real lengths in
+``lengths`` (causal attention never lets a real position read a later pad, so the metric,
+which reads only answer positions, is exact). Task files: ``circuits.task_files``.
+
+Metrics (per slot, then averaged over the real slots of an example):
+
+- ``logit_diff``: mean logit of the correct tokens - mean logit of the wrong ones (without
+  ``wrong``: - the mean logit over the vocabulary);
+- ``logit_diff_max``: mean correct logit - the *largest* wrong logit (without ``wrong``: the
+  largest logit of any token not correct), "correct minus the best wrong answer";
+- ``logprob``: log of the probability of the correct set, ``log sum_c p(c)``;
+- ``prob_diff``: ``sum p(correct) - sum p(wrong)`` (EAP-IG's greater-than metric);
+- ``kl``: minus KL(clean || this run) at the answer positions;
+- a callable (or the name of one registered with :func:`register_metric`):
+  ``fn(answer_logits [batch n_ans vocab], task, clean_answer_logits | None) -> [batch]``,
+  differentiable in the logits; studies record it by name.
+
 Define your own in a few lines::
 
     task = Task(name="my-task", clean=clean_ids, corrupted=corrupt_ids,
@@ -16,15 +37,72 @@ import dataclasses
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from circuits.errors import CircuitsError
 
-Metric = Literal["logit_diff", "prob_diff", "kl"]
+Metric = Literal["logit_diff", "logit_diff_max", "logprob", "prob_diff", "kl"]
+METRIC_NAMES: tuple[str, ...] = ("logit_diff", "logit_diff_max", "logprob", "prob_diff", "kl")
+PAD = -1  # pads answer sets and answer slots; never a token id (answer_pos -1 still means the last position)
+
+# (answer logits [batch n_ans vocab], the task, the clean run's answer logits or None) -> [batch]
+MetricFn = Callable[[Tensor, "Task", "Tensor | None"], Tensor]
+METRICS: dict[str, MetricFn] = {}
+
+
+def register_metric(name: str) -> Callable[[MetricFn], MetricFn]:
+    """Register ``fn(answer_logits, task, clean_answer_logits) -> [batch]`` as metric ``name``:
+    ``Task(metric=name)`` or ``Task(metric=fn)`` then use it, and a study records ``name``."""
+    if not isinstance(name, str) or not name or name in METRIC_NAMES:
+        raise CircuitsError(f"metric name {name!r}: expected a new non-empty name (built-in: {', '.join(METRIC_NAMES)})")
+
+    def decorate(fn: MetricFn) -> MetricFn:
+        METRICS[name] = fn
+        return fn
+
+    return decorate
+
+
+@dataclass(frozen=True)
+class UnavailableMetric:
+    """A user metric named by a stored study but not registered in this process: the task's
+    arrays stay readable, computing the metric says what to do."""
+
+    name: str
+
+    def __call__(self, *args: Any) -> Tensor:
+        raise CircuitsError(f"metric {self.name!r} is a user function not registered in this process; register it "
+                            f"with circuits.tasks.register_metric({self.name!r}) before computing the metric")
+
+
+def metric_name(metric: str | MetricFn) -> str:
+    """The name a study records: a built-in or registered name, else ``module.qualname``."""
+    if isinstance(metric, str):
+        return metric
+    if isinstance(metric, UnavailableMetric):
+        return metric.name
+    for name, fn in METRICS.items():
+        if fn is metric:
+            return name
+    return f"{getattr(metric, '__module__', '?')}.{getattr(metric, '__qualname__', type(metric).__name__)}"
+
+
+def answer_sets(ids: Int[Tensor, "batch n_ans"] | Int[Tensor, "batch n_ans k"]) -> Int[Tensor, "batch n_ans k"]:
+    """Answers as sets: a 2-D ``correct``/``wrong`` holds one token per slot."""
+    return ids[..., None] if ids.ndim == 2 else ids
+
+
+def _int_tensor(task_name: str, label: str, tensor: Any) -> Tensor:
+    if not isinstance(tensor, Tensor) or tensor.dtype.is_floating_point or tensor.dtype.is_complex \
+            or tensor.dtype == torch.bool:
+        got = tensor.dtype if isinstance(tensor, Tensor) else type(tensor).__name__
+        raise CircuitsError(f"task {task_name}: {label} must be an integer tensor (token ids or "
+                            f"positions), got {got}")
+    return tensor.to(torch.int64)  # indexing and gather take int64
 
 
 @dataclass(frozen=True)
@@ -33,32 +111,28 @@ class Task:
 
     ``wrong`` may be None: the metric is then the correct token's logit minus the mean logit
     (for tasks such as induction, where a corrupted prompt predicts nothing in particular).
+    ``lengths`` (None: every prompt fills all positions) gives each row's real length when
+    the prompts are right-padded.
     """
 
     name: str
     clean: Int[Tensor, "batch pos"]
     corrupted: Int[Tensor, "batch pos"]
     answer_pos: Int[Tensor, "batch n_ans"]
-    correct: Int[Tensor, "batch n_ans"]
-    wrong: Int[Tensor, "batch n_ans"] | None = None
-    metric: Metric = "logit_diff"
+    correct: Int[Tensor, "batch n_ans"] | Int[Tensor, "batch n_ans k"]
+    wrong: Int[Tensor, "batch n_ans"] | Int[Tensor, "batch n_ans k"] | None = None
+    metric: str | MetricFn = "logit_diff"
     prompts: tuple[str, ...] = ()
     options: dict = field(default_factory=dict)
+    lengths: Int[Tensor, " batch"] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or self.name.splitlines() != [self.name]:
             raise CircuitsError(f"task name {self.name!r}: expected a non-empty string on one line")
-        for label in ("clean", "corrupted", "answer_pos", "correct", "wrong"):
+        for label in ("clean", "corrupted", "answer_pos", "correct", "wrong", "lengths"):
             tensor = getattr(self, label)
-            if tensor is None and label == "wrong":
-                continue
-            if not isinstance(tensor, Tensor) or tensor.dtype.is_floating_point or tensor.dtype.is_complex \
-                    or tensor.dtype == torch.bool:
-                got = tensor.dtype if isinstance(tensor, Tensor) else type(tensor).__name__
-                raise CircuitsError(f"task {self.name}: {label} must be an integer tensor (token ids or "
-                                    f"positions), got {got}")
-            if tensor.dtype != torch.int64:  # indexing and gather take int64
-                object.__setattr__(self, label, tensor.to(torch.int64))
+            if tensor is not None or label not in ("wrong", "lengths"):
+                object.__setattr__(self, label, _int_tensor(self.name, label, tensor))
         if self.clean.shape != self.corrupted.shape:
             raise CircuitsError(
                 f"task {self.name}: clean prompts {tuple(self.clean.shape)} and corrupted prompts "
@@ -70,12 +144,54 @@ class Task:
         if self.answer_pos.ndim != 2 or self.answer_pos.shape[-1] == 0:
             raise CircuitsError(f"task {self.name}: answer_pos must be a [batch, n_ans] tensor with n_ans >= 1, "
                                 f"got shape {tuple(self.answer_pos.shape)}")
+        self._check_answers()
+        self._check_lengths()
+        self._check_metric()
+
+    def _check_answers(self) -> None:
         shape = (self.clean.shape[0], self.answer_pos.shape[-1])
-        for label, tensor in (("answer_pos", self.answer_pos), ("correct", self.correct), ("wrong", self.wrong)):
-            if tensor is not None and tuple(tensor.shape) != shape:
-                raise CircuitsError(f"task {self.name}: {label} has shape {tuple(tensor.shape)}, expected {shape}")
-        if self.metric not in ("logit_diff", "prob_diff", "kl"):
-            raise CircuitsError(f"task {self.name}: metric {self.metric!r} unknown; expected logit_diff, prob_diff or kl")
+        if tuple(self.answer_pos.shape) != shape:
+            raise CircuitsError(f"task {self.name}: answer_pos has shape {tuple(self.answer_pos.shape)}, expected {shape}")
+        for label, tensor in (("correct", self.correct), ("wrong", self.wrong)):
+            if tensor is None:
+                continue
+            if tuple(tensor.shape[:2]) != shape or tensor.ndim not in (2, 3) or 0 in tensor.shape:
+                raise CircuitsError(f"task {self.name}: {label} has shape {tuple(tensor.shape)}, expected {shape} "
+                                    f"(one token per answer) or {shape[0], shape[1], 'k'} (sets padded with {PAD})")
+            if tensor.numel() and tensor.min() < PAD:
+                raise CircuitsError(f"task {self.name}: {label} holds {int(tensor.min())}; token ids are >= 0 and "
+                                    f"{PAD} pads a set")
+        real = answer_mask(self)
+        empty = (~real.any(-1)).nonzero()
+        if len(empty):
+            raise CircuitsError(f"task {self.name}: example {int(empty[0])} has no answer (all its correct tokens are {PAD})")
+        if self.wrong is not None:
+            no_wrong = (real & ~(answer_sets(self.wrong) != PAD).any(-1)).nonzero()
+            if len(no_wrong):
+                b, j = (int(i) for i in no_wrong[0])
+                raise CircuitsError(f"task {self.name}: example {b}, answer {j} has correct tokens but no wrong one "
+                                    f"(all {PAD}); give one, or no wrong answers for the whole task")
+
+    def _check_lengths(self) -> None:
+        if self.lengths is None:
+            return
+        if tuple(self.lengths.shape) != (self.n_examples,) or self.lengths.min() < 1 or self.lengths.max() > self.seq_len:
+            raise CircuitsError(f"task {self.name}: lengths must be [{self.n_examples}] real prompt lengths in "
+                                f"1..{self.seq_len}, got {tuple(self.lengths.shape)}")
+        absolute = self.answer_pos % self.seq_len
+        beyond = (answer_mask(self) & (absolute >= self.lengths[:, None])).nonzero()
+        if len(beyond):
+            b, j = (int(i) for i in beyond[0])
+            raise CircuitsError(f"task {self.name}: example {b} reads answer {j} at position {int(absolute[b, j])}, "
+                                f"in its padding (its prompt has {int(self.lengths[b])} tokens)")
+
+    def _check_metric(self) -> None:
+        metric = self.metric
+        if callable(metric) or metric in METRIC_NAMES or metric in METRICS:
+            return
+        registered = f"; registered: {', '.join(sorted(METRICS))}" if METRICS else ""
+        raise CircuitsError(f"task {self.name}: metric {metric!r} unknown; expected {', '.join(METRIC_NAMES)}, "
+                            f"a callable or a name given to register_metric{registered}")
 
     @property
     def n_examples(self) -> int:
@@ -85,13 +201,30 @@ class Task:
     def seq_len(self) -> int:
         return int(self.clean.shape[1])
 
+    @property
+    def metric_name(self) -> str:
+        return metric_name(self.metric)
+
+    @property
+    def is_padded(self) -> bool:
+        """Whether some prompt is shorter than ``seq_len`` (right-padded)."""
+        return self.lengths is not None and bool((self.lengths < self.seq_len).any())
+
+    def real_positions(self) -> Bool[Tensor, "batch pos"]:
+        """True where a prompt has a real token, False in its right padding."""
+        if self.lengths is None:
+            return torch.ones(self.clean.shape, dtype=torch.bool)
+        return torch.arange(self.seq_len)[None, :] < self.lengths[:, None]
+
     def prompt_hash(self) -> str:
         """Identifies the prompts and answers: studies refuse to mix different ones."""
         digest = hashlib.sha256(self.name.encode())
         for tensor in (self.clean, self.corrupted, self.answer_pos, self.correct, self.wrong):
             if tensor is not None:
                 digest.update(tensor.to(torch.int64).cpu().numpy().tobytes())
-        digest.update(self.metric.encode())
+        digest.update(self.metric_name.encode())
+        if self.lengths is not None:  # only then: unpadded tasks keep the hashes they always had
+            digest.update(b"lengths" + self.lengths.cpu().numpy().tobytes())
         return digest.hexdigest()[:16]
 
     def check_fits(self, d_vocab: int, n_ctx: int, d_vocab_out: int | None = None) -> None:
@@ -101,9 +234,10 @@ class Task:
             raise CircuitsError(f"task {self.name}: prompts have {self.seq_len} tokens, the model's context is {n_ctx}")
         for label, tensor, limit in (("clean", self.clean, d_vocab), ("corrupted", self.corrupted, d_vocab),
                                      ("correct", self.correct, d_vocab_out), ("wrong", self.wrong, d_vocab_out)):
-            if tensor is not None and (tensor.min() < 0 or tensor.max() >= limit):
+            ids = None if tensor is None else tensor[tensor != PAD] if label in ("correct", "wrong") else tensor
+            if ids is not None and ids.numel() and (ids.min() < 0 or ids.max() >= limit):
                 raise CircuitsError(
-                    f"task {self.name}: {label} token ids span {int(tensor.min())}..{int(tensor.max())}, "
+                    f"task {self.name}: {label} token ids span {int(ids.min())}..{int(ids.max())}, "
                     f"outside the model's vocabulary 0..{limit - 1}"
                 )
         if self.answer_pos.min() < -self.seq_len or self.answer_pos.max() >= self.seq_len:
@@ -112,8 +246,36 @@ class Task:
     def slice(self, start: int, stop: int) -> Task:
         """Examples ``start:stop`` (for batching), same metric and name."""
         wrong = None if self.wrong is None else self.wrong[start:stop]
+        lengths = None if self.lengths is None else self.lengths[start:stop]
         return Task(self.name, self.clean[start:stop], self.corrupted[start:stop], self.answer_pos[start:stop],
-                    self.correct[start:stop], wrong, self.metric, self.prompts[start:stop], self.options)
+                    self.correct[start:stop], wrong, self.metric, self.prompts[start:stop], self.options, lengths)
+
+    def repeat(self, k: int) -> Task:
+        """The examples ``k`` times over, as stacked interventions run them (same metric)."""
+        if k == 1:
+            return self
+
+        def rep(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.repeat(k, *([1] * (t.ndim - 1)))
+
+        return Task(self.name, self.clean.repeat(k, 1), self.corrupted.repeat(k, 1), self.answer_pos.repeat(k, 1),
+                    self.correct.repeat(k, *([1] * (self.correct.ndim - 1))), rep(self.wrong), self.metric,
+                    lengths=rep(self.lengths))
+
+
+def check_model_fits(model, task: Task) -> None:
+    """Refuse a task the model cannot take (vocabulary, context; padding on a bidirectional model)."""
+    cfg = model.cfg
+    d_vocab_out = getattr(cfg, "d_vocab_out", -1)
+    task.check_fits(int(cfg.d_vocab), int(cfg.n_ctx), int(d_vocab_out) if d_vocab_out and d_vocab_out > 0 else None)
+    if task.is_padded and getattr(cfg, "attention_dir", "causal") == "bidirectional":
+        raise CircuitsError(f"task {task.name}: its prompts are right-padded, which is exact only for causal "
+                            "models, and this model attends both ways; give prompts of one token length")
+
+
+def answer_mask(task: Task) -> Bool[Tensor, "batch n_ans"]:
+    """True at the real answer slots (a slot whose correct tokens are all PAD is padding)."""
+    return (answer_sets(task.correct) != PAD).any(-1)
 
 
 def at_answer_positions(task: Task) -> tuple[Tensor, Task]:
@@ -121,7 +283,8 @@ def at_answer_positions(task: Task) -> tuple[Tensor, Task]:
     taken only there: unembedding only those positions gives the very same metric."""
     absolute = task.answer_pos % task.seq_len
     positions = torch.unique(absolute)
-    return positions, dataclasses.replace(task, answer_pos=torch.searchsorted(positions, absolute))
+    # lengths dropped: the re-indexed task reads logits at ``positions`` only, never padding
+    return positions, dataclasses.replace(task, answer_pos=torch.searchsorted(positions, absolute), lengths=None)
 
 
 def answer_logits(logits: Float[Tensor, "batch pos vocab"], task: Task) -> Float[Tensor, "batch n_ans vocab"]:
@@ -129,36 +292,102 @@ def answer_logits(logits: Float[Tensor, "batch pos vocab"], task: Task) -> Float
     return logits[torch.arange(logits.shape[0], device=logits.device)[:, None], pos]
 
 
+# ---------------------------------------------------------------- metrics
+# Each reduces the answer sets of a slot, then the real slots of an example. With one token per
+# slot and no padding every reduction is the identity, and the slot mean a plain mean: the
+# built-in tasks' metrics are bit for bit what they were before sets existed.
+
+
+def _gather(values: Float[Tensor, "batch n_ans vocab"], ids: Tensor) -> tuple[Tensor, Tensor]:
+    """Values of the tokens of each set [batch n_ans k], and which entries are real.
+
+    An empty set (in a padded slot) reads token 0, so every value, and every gradient, stays
+    finite; its slot is masked afterwards.
+    """
+    sets = answer_sets(ids).to(values.device)
+    real = sets != PAD
+    real[..., 0] |= ~real.any(-1)
+    return values.gather(-1, sets.clamp(min=0)), real
+
+
+def _set_mean(values: Tensor, real: Tensor) -> Tensor:
+    if bool(real.all()):
+        return values.mean(-1)
+    return values.masked_fill(~real, 0.0).sum(-1) / real.sum(-1)
+
+
+def _set_max(values: Tensor, real: Tensor) -> Tensor:
+    return values.masked_fill(~real, float("-inf")).amax(-1)
+
+
+def _set_sum(values: Tensor, real: Tensor) -> Tensor:
+    return values.masked_fill(~real, 0.0).sum(-1)
+
+
+def _best_other(at: Float[Tensor, "batch n_ans vocab"], correct: Tensor) -> Float[Tensor, "batch n_ans"]:
+    """The largest logit of a token outside the correct set."""
+    sets = answer_sets(correct).to(at.device)
+    hits = torch.zeros(at.shape, dtype=torch.long, device=at.device)
+    hits.scatter_add_(-1, sets.clamp(min=0), (sets != PAD).long())  # add, not assign: PAD entries add 0 at token 0
+    return at.masked_fill(hits > 0, float("-inf")).amax(-1)
+
+
+def _per_slot(at: Float[Tensor, "batch n_ans vocab"], task: Task,
+              clean_at: Float[Tensor, "batch n_ans vocab"] | None) -> Float[Tensor, "batch n_ans"]:
+    metric = task.metric
+    if metric in ("logit_diff", "logit_diff_max"):
+        good = _set_mean(*_gather(at, task.correct))
+        if task.wrong is None:
+            return good - (at.mean(-1) if metric == "logit_diff" else _best_other(at, task.correct))
+        return good - (_set_mean if metric == "logit_diff" else _set_max)(*_gather(at, task.wrong))
+    if metric == "logprob":
+        values, real = _gather(at.log_softmax(-1), task.correct)
+        return values.masked_fill(~real, float("-inf")).logsumexp(-1)
+    if metric == "prob_diff":
+        probs = at.softmax(-1)
+        good = _set_sum(*_gather(probs, task.correct))
+        return good if task.wrong is None else good - _set_sum(*_gather(probs, task.wrong))
+    if clean_at is None:
+        raise CircuitsError(f"task {task.name}: the kl metric needs the clean run's logits")
+    ref = clean_at.log_softmax(-1)
+    return -(ref.exp() * (ref - at.log_softmax(-1))).sum(-1)
+
+
+def _slot_mean(values: Float[Tensor, "batch n_ans"], real: Bool[Tensor, "batch n_ans"]) -> Float[Tensor, " batch"]:
+    if bool(real.all()):
+        return values.mean(-1)
+    return values.masked_fill(~real, 0.0).sum(-1) / real.sum(-1)
+
+
 def metric_per_example(
     logits: Float[Tensor, "batch pos vocab"],
     task: Task,
     clean_logits: Float[Tensor, "batch pos vocab"] | None = None,
 ) -> Float[Tensor, " batch"]:
-    """The task metric per example, averaged over answer positions.
-
-    logit_diff: logit(correct) - logit(wrong), or - mean logit when there is no wrong answer.
-    prob_diff: p(correct) - p(wrong) (or p(correct) alone).
-    kl: minus KL(clean || this run) at the answer positions (needs ``clean_logits``), so that,
-    as for the others, higher means closer to the clean behaviour.
-    """
+    """The task metric per example, averaged over its real answer slots (see the module's
+    docstring for each metric). ``kl`` needs ``clean_logits``; higher is always better."""
     at = answer_logits(logits, task)
-    correct = task.correct.to(at.device)[..., None]
-    if task.metric == "logit_diff":
-        good = at.gather(-1, correct)[..., 0]
-        bad = at.mean(-1) if task.wrong is None else at.gather(-1, task.wrong.to(at.device)[..., None])[..., 0]
-        return (good - bad).mean(-1)
-    if task.metric == "prob_diff":
-        probs = at.softmax(-1)
-        good = probs.gather(-1, correct)[..., 0]
-        if task.wrong is None:
-            return good.mean(-1)
-        bad = probs.gather(-1, task.wrong.to(at.device)[..., None])[..., 0]
-        return (good - bad).mean(-1)
-    if clean_logits is None:
-        raise CircuitsError(f"task {task.name}: the kl metric needs the clean run's logits")
-    ref = answer_logits(clean_logits, task).log_softmax(-1)
-    kl = (ref.exp() * (ref - at.log_softmax(-1))).sum(-1)
-    return -kl.mean(-1)
+    clean_at = None if clean_logits is None else answer_logits(clean_logits, task)
+    metric = task.metric if callable(task.metric) else METRICS.get(task.metric)
+    if metric is not None:
+        return _user_metric(metric, at, task, clean_at)
+    return _slot_mean(_per_slot(at, task, clean_at), answer_mask(task).to(at.device))
+
+
+def _user_metric(fn: MetricFn, at: Tensor, task: Task, clean_at: Tensor | None) -> Float[Tensor, " batch"]:
+    value = fn(at, task, clean_at)
+    if not isinstance(value, Tensor) or tuple(value.shape) != (at.shape[0],):
+        got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+        raise CircuitsError(f"task {task.name}: metric {task.metric_name} returned {got}, expected a tensor of "
+                            f"shape ({at.shape[0]},): one value per example")
+    return value
+
+
+def loss_at_answers(at: Float[Tensor, "batch n_ans vocab"], task: Task) -> Float[Tensor, " batch"]:
+    """Per example: minus the log-probability of the correct answer set, averaged over real slots."""
+    values, real = _gather(at.log_softmax(-1), task.correct)
+    logprob = values.masked_fill(~real, float("-inf")).logsumexp(-1)
+    return -_slot_mean(logprob, answer_mask(task).to(at.device))
 
 
 # ---------------------------------------------------------------- built-in tasks
@@ -229,11 +458,11 @@ def _modadd_for(model, n_examples: int = 64, seed: int = 0) -> Task:
 def make_task(name: str, model, n_examples: int | None = None, seed: int = 0) -> Task:
     """Build a registered task for ``model`` (its vocabulary, context and tokenizer)."""
     if name not in TASKS:
-        raise CircuitsError(f"unknown task {name!r}; expected one of: {', '.join(sorted(TASKS))}")
+        raise CircuitsError(f"unknown task {name!r}; expected one of: {', '.join(sorted(TASKS))}, "
+                            "or a task file (.jsonl or .csv, circuits.task_files)")
     kwargs = {"seed": seed} if n_examples is None else {"n_examples": n_examples, "seed": seed}
     task = TASKS[name](model, **kwargs)
-    d_vocab_out = model.cfg.d_vocab_out if getattr(model.cfg, "d_vocab_out", -1) and model.cfg.d_vocab_out > 0 else None
-    task.check_fits(model.cfg.d_vocab, model.cfg.n_ctx, d_vocab_out)
+    check_model_fits(model, task)
     return task
 
 

@@ -31,7 +31,13 @@ from circuits import store
 from circuits.config import DEFAULT_HOOKS
 from circuits.errors import CircuitsError
 from circuits.manifest import Manifest
-from circuits.tasks import Task, answer_logits, at_answer_positions, metric_per_example
+from circuits.tasks import (
+    Task,
+    answer_logits,
+    at_answer_positions,
+    loss_at_answers,
+    metric_per_example,
+)
 
 AnalysisResult = dict[str, "np.ndarray | float | int"]
 TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32}
@@ -134,7 +140,8 @@ def visit_step(model, plan: VisitPlan, step: int, shard: store.ShardWriter) -> S
     Clean and corrupted prompts run batch by batch: the clean run caches attention patterns
     (all layers and heads) and ``plan.hooks``; both runs give the answer logits, per-example
     loss and metric. Then every analysis gets a VisitContext and its dict lands under
-    ``/{name}/{key}``.
+    ``/{name}/{key}``. For right-padded prompts the stored patterns and activations hold
+    padding beyond each row's length, which the shard gives as ``task/lengths``.
     """
     task, batch_size, device = plan.task, plan.batch_size, plan.device
     shard.write_static({f"task/{k}": v for k, v in store.task_arrays(task).items()})
@@ -234,12 +241,16 @@ def _numpy(tensor: Tensor, dtype: torch.dtype) -> np.ndarray:
 
 def outputs(logits_clean: Float[Tensor, "batch n_at vocab"], logits_corrupt: Float[Tensor, "batch n_at vocab"],
             task: Task) -> dict[str, np.ndarray]:
-    """Answer logits, metric and answer loss per example, float32, for both runs."""
+    """Answer logits, metric and answer loss per example, float32, for both runs.
+
+    Both read the answer positions only, which are real tokens in every row: right padding
+    never enters them (``Task.lengths``). The loss is minus the log-probability of the
+    correct answer(s), averaged over each example's real answer slots.
+    """
     out = {}
-    correct = task.correct.to(logits_clean.device)
     for label, logits in (("clean", logits_clean), ("corrupted", logits_corrupt)):
         at = answer_logits(logits, task).float()
-        loss = -at.log_softmax(-1).gather(-1, correct[..., None])[..., 0].mean(-1)
+        loss = loss_at_answers(at, task)
         metric = metric_per_example(logits.float(), task, clean_logits=logits_clean.float())
         out[f"logits_{label}"] = at.cpu().numpy()
         out[f"metric_{label}"] = metric.cpu().numpy().astype(np.float32)
@@ -278,10 +289,12 @@ def library_versions() -> dict[str, str]:
 
 
 def task_record(task: Task) -> dict[str, Any]:
-    """The task as study.json stores it: name, hash, metric, shape, options, prompts and arrays."""
+    """The task as study.json stores it: name, hash, metric (by name: a user function is
+    recorded as its registered name), shape, padding, options, prompts and arrays."""
     return {
-        "name": task.name, "prompt_hash": task.prompt_hash(), "metric": task.metric,
+        "name": task.name, "prompt_hash": task.prompt_hash(), "metric": task.metric_name,
         "n_examples": task.n_examples, "seq_len": task.seq_len, "n_answers": int(task.answer_pos.shape[-1]),
+        "padded": task.is_padded,
         "options": dict(task.options), "prompts": list(task.prompts),
         "arrays": {k: v.tolist() for k, v in store.task_arrays(task).items()},
     }

@@ -3,8 +3,9 @@
 ``faithfulness = (M_circuit - M_baseline) / (M_clean - M_baseline)``, all metrics averaged
 over the task's examples. Ablation ``"corrupt"`` gives each ablated reader the corrupted
 run's writer output; the baseline is then the corrupted run (every edge ablated).
-Ablation ``"mean"`` gives it the clean writer output averaged over the batch (per position);
-the baseline is then the model with every edge mean-ablated.
+Ablation ``"mean"`` gives it the clean writer output averaged over the batch (per position,
+over the rows that are real there: right padding never enters the mean); the baseline is
+then the model with every edge mean-ablated.
 The gap is *nil* when ``|M_clean - M_baseline|`` is below ``gap_tol`` or below ``gap_z``
 standard errors of the per-example gap (clean and baseline indistinguishable on this batch):
 faithfulness is then NaN and ``gap_nil`` is set, never a ratio of two noise terms.
@@ -14,9 +15,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import einops
 import numpy as np
 import torch
-from jaxtyping import Float
+from jaxtyping import Bool, Float
+from torch import Tensor
 
 from circuits.discovery.functional import FunctionalModel
 from circuits.discovery.scoring import Ablator, _default_chunk, reference_runs
@@ -51,7 +54,7 @@ class Evaluator:
             self.reference = corrupt.writers
             baseline_each = corrupt_each
         else:
-            self.reference = clean.writers.mean(1, keepdim=True).expand_as(clean.writers).contiguous()
+            self.reference = real_row_mean(clean.writers, self.task.real_positions().to(self.fm.device))
             full = torch.ones(1, *self.fm.spec.shape, device=self.fm.device)
             run = self.fm.run(self.tokens, ablate=full, reference=self.reference)
             baseline_each = metric_per_example(run.logits, self.task, clean.logits).double()
@@ -92,6 +95,19 @@ class Evaluator:
             rows = torch.eye(n, device=self.fm.device, dtype=self.fm.dtype)[start : start + chunk]
             out.append(self.ablator.per_example_replaced(rows).double() - self.clean_each[None])
         return torch.cat(out).T.float().cpu().numpy()
+
+
+def real_row_mean(writers: Float[Tensor, "n_forward batch pos d_model"],
+                  real: Bool[Tensor, "batch pos"]) -> Float[Tensor, "n_forward batch pos d_model"]:
+    """Each writer's output averaged over the rows that have a real token at each position
+    (right padding is not an input the model ever sees), the same for every row."""
+    if bool(real.all()):  # unpadded: the plain batch mean, as it always was
+        return writers.mean(1, keepdim=True).expand_as(writers).contiguous()
+    weights = real.to(writers.dtype)
+    total = einops.einsum(writers, weights, "w b p d, b p -> w p d")
+    count = weights.sum(0).clamp(min=1.0)  # a position no row reaches keeps a zero mean
+    mean = total / count[None, :, None]
+    return einops.repeat(mean, "w p d -> w b p d", b=writers.shape[1]).contiguous()
 
 
 def faithfulness(model, task: Task, in_circuit: np.ndarray, ablation: str = "corrupt", gap_tol: float = GAP_TOL,

@@ -34,7 +34,7 @@ from circuits.config import SCORING_METHODS as METHODS
 from circuits.config import check_ig_steps, check_method
 from circuits.discovery.functional import FunctionalModel
 from circuits.errors import CircuitsError
-from circuits.tasks import Task, at_answer_positions, metric_per_example
+from circuits.tasks import Task, at_answer_positions, check_model_fits, metric_per_example
 
 
 def check_scoring(method: str, ig_steps: int) -> None:
@@ -46,9 +46,7 @@ def check_scoring(method: str, ig_steps: int) -> None:
 
 def check_task(model, task: Task) -> None:
     """Refuse prompts or answers the model cannot take, before any forward."""
-    cfg = model.cfg
-    d_vocab_out = getattr(cfg, "d_vocab_out", -1)
-    task.check_fits(int(cfg.d_vocab), int(cfg.n_ctx), int(d_vocab_out) if d_vocab_out and d_vocab_out > 0 else None)
+    check_model_fits(model, task)
 
 
 def _metric(logits, task: Task, clean_logits=None) -> torch.Tensor:
@@ -113,11 +111,7 @@ def score_eap_ig(fm: FunctionalModel, task: Task, steps: int = 5, ig_chunk: int 
 
 
 def _repeat(task: Task, k: int) -> Task:
-    if k == 1:
-        return task
-    wrong = None if task.wrong is None else task.wrong.repeat(k, 1)
-    return Task(task.name, task.clean.repeat(k, 1), task.corrupted.repeat(k, 1), task.answer_pos.repeat(k, 1),
-                task.correct.repeat(k, 1), wrong, task.metric)
+    return task.repeat(k)  # answer sets may be 3-D: the task knows how to repeat itself
 
 
 def _default_chunk(fm: FunctionalModel, task: Task, copies: int, budget: float | None = None) -> int:

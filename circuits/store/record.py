@@ -75,11 +75,17 @@ def write_study_json(study: Path, data: dict[str, Any]) -> None:
 
 
 def task_arrays(task: Task) -> dict[str, np.ndarray]:
-    """The task's tensors as int64 arrays, named as stored (``task/...``)."""
+    """The task's tensors as int64 arrays, named as stored (``task/...``).
+
+    ``correct`` and ``wrong`` are [n, n_ans], or [n, n_ans, k] answer sets padded with -1;
+    ``lengths`` [n] (right-padded prompts only) is each prompt's real length: positions at
+    and beyond it are padding in every per-position array of the study. Studies written
+    before sets and padding existed have 2-D answers and no ``lengths``, and read the same.
+    """
     import torch  # here, not at the top: only the sweep (which has torch loaded) calls this
 
     out = {}
-    for name in ("clean", "corrupted", "answer_pos", "correct", "wrong"):
+    for name in ("clean", "corrupted", "answer_pos", "correct", "wrong", "lengths"):
         tensor = getattr(task, name)
         if tensor is not None:
             out[name] = tensor.detach().cpu().to(dtype=torch.int64).numpy()
@@ -87,12 +93,18 @@ def task_arrays(task: Task) -> dict[str, np.ndarray]:
 
 
 def task_from_record(record: dict[str, Any]) -> Task:
-    """Rebuild the Task stored in study.json (prompts, answers, metric, options)."""
+    """Rebuild the Task stored in study.json (prompts, answers, metric, options, lengths).
+
+    A user metric is stored by name: it is the registered function when this process has
+    registered that name, else an ``UnavailableMetric`` (the arrays read, computing says why not).
+    """
     import torch  # here, not at the top: opening a study for its arrays needs no torch
 
-    from circuits.tasks import Task
+    from circuits.tasks import METRIC_NAMES, METRICS, Task, UnavailableMetric
 
     arrays = {k: torch.tensor(np.asarray(v, dtype=np.int64)) for k, v in record["arrays"].items()}
+    name = record.get("metric", "logit_diff")
+    metric = name if name in METRIC_NAMES or name in METRICS else UnavailableMetric(str(name))
     return Task(record["name"], arrays["clean"], arrays["corrupted"], arrays["answer_pos"], arrays["correct"],
-                arrays.get("wrong"), record.get("metric", "logit_diff"), tuple(record.get("prompts", ())),
-                dict(record.get("options", {})))
+                arrays.get("wrong"), metric, tuple(record.get("prompts", ())),
+                dict(record.get("options", {})), arrays.get("lengths"))
