@@ -186,12 +186,18 @@ class GraphSpec:
         return int(self.valid.sum())
 
     def reader_node_index(self) -> np.ndarray:
-        """int [n_backward]: the writer index of each reader's node (-1 for logits)."""
+        """int [n_backward]: the writer index of each reader's node (-1 for logits); read-only."""
+        return self._reader_nodes
+
+    @functools.cached_property
+    def _reader_nodes(self) -> np.ndarray:
+        # once per spec: pruning asks for it at every candidate circuit and bootstrap resample
         out = np.full(self.n_backward, -1, dtype=np.int64)
         for j, reader in enumerate(self.backward_names):
             node = parse_node(reader)
             if node.kind != "logits":
                 out[j] = self.forward_names.index(node.node)
+        out.setflags(write=False)
         return out
 
     def edge_names(self, mask: np.ndarray | None = None) -> list[str]:
