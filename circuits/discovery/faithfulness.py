@@ -89,7 +89,9 @@ class Evaluator:
         once (``input``: the whole embedding), by this evaluator's ablation; ``n_forward`` copies
         of the batch, ``chunk`` per forward."""
         n = self.fm.spec.n_forward
-        chunk = chunk or _default_chunk(self.fm, self.task, n, budget=5e7)
+        # a copy holds one residual and the writers' outputs, not a residual per port
+        per_copy = self.task.n_examples * self.task.seq_len * (n + 8) * self.fm.W_E.shape[-1]
+        chunk = chunk or int(max(1, min(n, 5e7 // per_copy)))
         out = []
         for start in range(0, n, chunk):
             rows = torch.eye(n, device=self.fm.device, dtype=self.fm.dtype)[start : start + chunk]

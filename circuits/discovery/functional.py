@@ -356,6 +356,12 @@ class FunctionalModel:
             return x
 
         port_inputs: list[Tensor] = []
+        def ablated_ports(first: int, count: int) -> Tensor:
+            """bool [k, count]: which of these ports each copy ablates."""
+            if ablate is None:
+                raise CircuitsError("ablated_ports needs an ablation mask")
+            return ablate[:, : len(writers), first : first + count].any(1)
+
         def ablated_here(first: int, count: int) -> bool:
             return ablate is not None and bool(ablate[:, : len(writers), first : first + count].any())
 
@@ -371,9 +377,13 @@ class FunctionalModel:
                 if grad_ports and ablate is None:
                     ports.append(qkv)
                     port_inputs.append(resid.detach())
-            else:  # each q, k, v port reads its own (partly ablated) residual
+            elif grad_ports or ablate is None or bool(ablated_ports(reader, 3 * H).all()):
+                # each q, k, v port reads its own (partly ablated) residual
                 normed = self.ln1[layer](port_input(resid, reader, 3 * H))
                 qkv = einops.einsum(normed, self.W_QKV[layer], "b p h d, h d e -> b p h e") + self.b_QKV[layer]
+            else:  # a few ports per copy are ablated (exact patching): the others share one residual
+                qkv = self._sparse_port_qkv(layer, resid, ablated_ports(reader, 3 * H), ablation_term(reader, 3 * H),
+                                            n_copies)
             q, k, v = self._qk_normed(layer, qkv)
             if cos_sin is not None:
                 q, k = self._rotate(q, *cos_sin), self._rotate(k, *cos_sin)
@@ -422,6 +432,24 @@ class FunctionalModel:
         kept = keep_writers or ablate is not None or replace is not None
         stacked = torch.stack(writers) if kept else input_embeds.new_zeros(0)
         return Run(logits, stacked, ports if grad_ports else None, port_inputs if ablate is None and grad_ports else None)
+
+    def _sparse_port_qkv(self, layer: int, resid: Float[Tensor, "kb pos d_model"], ported: Tensor,
+                         term: Tensor | None, n_copies: int) -> Float[Tensor, "kb pos three_head d_head"]:
+        """q/k/v of every port, each ablated (copy, port) pair from its own residual and every
+        other port from the copy's shared one: the same values as a residual per port, with
+        the per-port work only where ``ported`` [k, 3H] says a port is ablated."""
+        normed = self.ln1[layer](resid)
+        qkv = einops.einsum(normed, self.W_QKV[layer], "b p d, h d e -> b p h e") + self.b_QKV[layer]
+        if term is None:
+            return qkv
+        batch, n_pos = resid.shape[0] // n_copies, resid.shape[1]
+        copies, ports = torch.nonzero(ported, as_tuple=True)
+        by_copy = (resid.view(n_copies, batch, n_pos, -1), term.view(n_copies, batch, n_pos, term.shape[2], -1))
+        x = by_copy[0][copies] - by_copy[1][copies, :, :, ports]  # [pairs, b, p, d]
+        own = einops.einsum(self.ln1[layer](x), self.W_QKV[layer][ports], "n b p d, n d e -> n b p e")
+        qkv = qkv.view(n_copies, batch, n_pos, *qkv.shape[2:]).clone()
+        qkv[copies, :, :, ports] = own + self.b_QKV[layer][ports][:, None, None]
+        return qkv.view(n_copies * batch, n_pos, *qkv.shape[3:])
 
     def _qk_normed(self, layer: int, qkv: Float[Tensor, "batch pos three_head d_head"]) -> tuple[Tensor, Tensor, Tensor]:
         """q, k, v [batch pos head d_head], with QK-norm where the model has it.
