@@ -16,8 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from circuits.discovery import discover, faithfulness, score_edges
-from circuits.discovery import functional, support
+from circuits.discovery import discover, faithfulness, functional, score_edges, support
 from circuits.discovery.faithfulness import Evaluator
 from circuits.discovery.functional import FunctionalModel
 from circuits.errors import CircuitsError
