@@ -128,7 +128,9 @@ def check_causal(model, manifest: Manifest) -> None:
     """Patterns are stored as causal lower triangles: refuse a model that attends both ways."""
     direction = getattr(model.cfg, "attention_dir", "causal")
     if direction != "causal":
-        raise CircuitsError(f"{manifest.name}: attention is {direction}, the sweep caches causal language models only")
+        raise CircuitsError(f"{manifest.name}: attention is {direction}, the sweep caches causal language models only: "
+                            "attention patterns are stored as causal lower triangles (circuits.discovery's discover, "
+                            "score_edges and faithfulness do support bidirectional models)")
 
 
 # ---------------------------------------------------------------- the visit

@@ -4,7 +4,9 @@
     result = discover(model, task, method="eap-ig", ig_steps=5)   # smallest circuit with faithfulness >= 0.8
     result.to_digraph()                                            # networkx view
 
-Files: ``functional.py`` (a forward over the bridge's weights where each edge is a switch),
+Files: ``functional.py`` (a forward over the bridge's weights where each edge is a switch,
+checked against the bridge on a probe batch), ``support.py`` (every config field honoured,
+refused or irrelevant),
 ``scoring.py`` (eap, eap-ig, patching), ``selection.py`` (top-n, threshold, greedy, prune),
 ``faithfulness.py`` (ablate outside the circuit), ``analysis.py`` (the sweep's per-step
 ``circuit`` analysis). Timings against TL 4.3: ``circuits/bench/discover.py``. Conventions:

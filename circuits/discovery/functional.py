@@ -71,7 +71,6 @@ class _Norm:
         x = F.rms_norm(x, x.shape[-1:], self.weight, self.eps)
         return x + self.bias if self.bias is not None else x
 
-
     def vjp(self, x: Tensor, grad: Tensor) -> Tensor:
         """``d/dx`` of ``(self(x) * grad).sum()`` for ``grad`` [..., n, d] and ``x`` [..., d] (shared input)."""
         if self.kind == "none":
@@ -157,7 +156,8 @@ class FunctionalModel:
 
     Construction refuses by name what the forward does not implement (``support.check_config``
     and the module checks below), then checks the forward against the bridge's own on a probe
-    batch (:func:`self_check`, once per model and weights).
+    batch (:func:`self_check`, once per model and weights). ``check=False`` skips that check:
+    only for measuring its cost; discovery never passes it.
     """
 
     def __init__(self, model, check: bool = True) -> None:
