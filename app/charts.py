@@ -125,8 +125,9 @@ def formation_timeline(steps: list[int], gap: np.ndarray, se: np.ndarray, share:
                                  error_y={"type": "data", "array": np.asarray(se)[idx], "visible": True},
                                  text=[hover[i] for i in idx], hovertemplate="%{text}<extra></extra>"),
                       row=1, col=1)
-    fig.add_trace(go.Bar(x=x, y=share, name="share of the largest gap", marker_color=np.where(has, "#92c5de", "#d9d9d9"),
-                         hovertemplate="step %{x}<br>share %{y:.1%}<extra></extra>"), row=2, col=1)
+    fig.add_trace(go.Scatter(x=x, y=share, mode="lines+markers", name="share of the largest gap",
+                             line={"color": "#4393c3"}, marker={"color": np.where(has, "#2166ac", "#bdbdbd")},
+                             hovertemplate="step %{x}<br>share %{y:.1%}<extra></extra>"), row=2, col=1)
     if np.isfinite(reproducibility).any():
         fig.add_trace(go.Scatter(x=x, y=reproducibility, mode="lines+markers", name="reproducibility",
                                  line={"color": "#b2182b"}, hovertemplate="step %{x}<br>reproducibility %{y:.2f}<extra></extra>"),
@@ -145,7 +146,7 @@ def formation_timeline(steps: list[int], gap: np.ndarray, se: np.ndarray, share:
     fig.update_yaxes(title_text="gap +- se", row=1, col=1)
     fig.update_yaxes(title_text="share / repro.", range=[0, 1.05], row=2, col=1)
     fig.update_xaxes(title_text="step", row=2, col=1)
-    fig.update_layout(title={"text": "Something to explain, and the epochs of the mechanism", "y": 0.98},
-                      height=460, margin={"l": 10, "r": 10, "t": 80, "b": 10}, bargap=0.3,
+    fig.update_layout(title={"text": "Gap +- se per step (filled: has a circuit) over the epochs of the mechanism",
+                             "y": 0.98}, height=460, margin={"l": 10, "r": 10, "t": 80, "b": 10},
                       legend={"orientation": "h", "yanchor": "top", "y": -0.12, "xanchor": "left", "x": 0})
     return fig
