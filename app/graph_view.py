@@ -185,7 +185,7 @@ def view(
             largest = max(largest, float(np.abs(values).max()))
         edges.append((status, rows, cols, values, previous_stats if status == "removed" else stats))
     largest = largest or 1.0
-    active = set()
+    active: set[str] = set()
     out_edges = []
     for status, rows, cols, values, edge_stats in edges:
         for r, c, value in zip(rows.tolist(), cols.tolist(), values.tolist(), strict=True):
