@@ -225,9 +225,9 @@ def node_panel(step: int, node: str | None) -> None:
 def role_lines(node: str) -> None:
     """The detector roles the library finds material for this head (none: a caption saying so)."""
     roles = [r for r in data.roles(path, stamp) if r.head == node]
-    for role in roles:
-        st.caption(ui.md(f"Role: {formation.role_text(role)}"))
-    if not roles:
+    if roles:
+        st.caption("  \n".join(ui.md(f"Role: {formation.role_text(role)}") for role in roles))
+    else:
         st.caption("No material detector role (no score rising >= 0.1 above step 0 and half the strongest head's rise).")
 
 

@@ -25,9 +25,9 @@ with ui.guard("draw the head scores"):
         left.plotly_chart(figures.head_heatmap(tracked, kind), key="heads.heatmap")
         right.plotly_chart(figures.head_score_curves(tracked, kind, step_now), key="heads.curves")
         roles = [r for r in tracked.roles() if r.kind == kind]
-        for role in roles:
-            st.caption(ui.md(f"Role: {formation.role_text(role, tracked.circuit)}"))
-        if not roles:
+        if roles:
+            st.caption("  \n".join(ui.md(f"Role: {formation.role_text(role, tracked.circuit)}") for role in roles))
+        else:
             st.caption(f"No head takes the {kind.replace('_', ' ')} role: no score rises >= 0.1 above step 0 "
                        "(and half the strongest head's rise).")
 
