@@ -107,10 +107,12 @@ def band_edges(steps: list[int], starts: list[int], ends: list[int]) -> list[tup
 
 def formation_timeline(steps: list[int], gap: np.ndarray, se: np.ndarray, share: np.ndarray,
                        reproducibility: np.ndarray, has_circuit: np.ndarray, bands: list[tuple[str, bool, int, int]],
-                       reproducible: float, step: int | None = None) -> go.Figure:
+                       reproducible: float, checked: tuple[tuple[int, bool], ...] = (), step: int | None = None
+                       ) -> go.Figure:
     """The gap +- se per step (steps with a circuit filled, without hollow) over the epochs of the
     mechanism as labelled bands; below, the gap's share of the study's largest and the resamples'
-    reproducibility with its bar. ``bands`` are (label, has_circuit, start step, end step)."""
+    reproducibility with its bar, and the steps checked against exact patching (``checked``:
+    (step, poor), red when poor). ``bands`` are (label, has_circuit, start step, end step)."""
     from plotly.subplots import make_subplots
 
     fig = make_subplots(rows=2, cols=1, shared_xaxes=True, row_heights=[0.6, 0.4], vertical_spacing=0.06)
@@ -133,6 +135,16 @@ def formation_timeline(steps: list[int], gap: np.ndarray, se: np.ndarray, share:
                                  line={"color": "#b2182b"}, hovertemplate="step %{x}<br>reproducibility %{y:.2f}<extra></extra>"),
                       row=2, col=1)
         fig.add_hline(y=reproducible, line_dash="dot", line_color="#b2182b", row=2, col=1)
+    at = {int(v): k for k, v in enumerate(steps)}
+    ringed = [(c, poor) for c, poor in checked if c in at]
+    if ringed:  # a diamond around each checked step's point
+        fig.add_trace(go.Scatter(x=[c for c, _ in ringed], y=[float(gap[at[c]]) for c, _ in ringed], mode="markers",
+                                 name="checked against exact patching (red: poor)",
+                                 marker={"symbol": "diamond-open", "size": 17, "line": {"width": 2},
+                                         "color": ["#b2182b" if poor else "#444444" for _, poor in ringed]},
+                                 text=["poor" if poor else "not poor" for _, poor in ringed],
+                                 hovertemplate="step %{x}: checked against exact patching, %{text}<extra></extra>"),
+                      row=1, col=1)
     extents = band_edges(steps, [b[2] for b in bands], [b[3] for b in bands])
     colour = 0
     for k, ((label, with_circuit, _, _), (x0, x1)) in enumerate(zip(bands, extents, strict=True)):
@@ -148,5 +160,5 @@ def formation_timeline(steps: list[int], gap: np.ndarray, se: np.ndarray, share:
     fig.update_xaxes(title_text="step", row=2, col=1)
     fig.update_layout(title={"text": "Gap +- se per step (filled: has a circuit) over the epochs of the mechanism",
                              "y": 0.98}, height=460, margin={"l": 10, "r": 10, "t": 80, "b": 10},
-                      legend={"orientation": "h", "yanchor": "top", "y": -0.12, "xanchor": "left", "x": 0})
+                      legend={"orientation": "h", "yanchor": "top", "y": -0.17, "xanchor": "left", "x": 0})
     return fig

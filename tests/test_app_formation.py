@@ -132,7 +132,10 @@ def test_epoch_bands_meet_halfway_and_one_step_shows():
     assert charts.band_edges([7], [7], [7]) == [(6.5, 7.5)]
     e = _explained()
     fig = charts.formation_timeline([0, 100, 425], e.gap, e.gap_se, e.share, e.reproducibility, e.has_circuit,
-                                    [("E1 <b>x</b>", False, 0, 100), ("E2 1 edges", True, 425, 425)], 0.6)
+                                    [("E1 <b>x</b>", False, 0, 100), ("E2 1 edges", True, 425, 425)], 0.6,
+                                    checked=((425, True), (7, False)))
     labels = [a.text for a in fig.layout.annotations]
     assert "E1 &lt;b&gt;x&lt;/b&gt;" in labels and "E2 1 edges" in labels  # labels escaped
     assert [t.name for t in fig.data][:2] == ["has a circuit", "no circuit"] and list(fig.data[0].x) == [425]
+    ring = next(t for t in fig.data if t.name.startswith("checked against exact patching"))
+    assert list(ring.x) == [425] and list(ring.marker.color) == ["#b2182b"]  # poor in red; unknown steps left out

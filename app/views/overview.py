@@ -52,7 +52,8 @@ def formation_section(tracked) -> None:
                      "Jaccard 0.6 of their epoch's mean."))
     bands = [(formation.epoch_label(tracked.epochs, ep), ep.has_circuit, ep.start, ep.end) for ep in tracked.epochs]
     st.plotly_chart(charts.formation_timeline(steps, e.gap, e.gap_se, e.share, e.reproducibility, e.has_circuit,
-                                              bands, e.reproducible), key="overview.formation")
+                                              bands, e.reproducible, tuple((int(r.step), bool(r.poor)) for r in tracked.trust)),
+                    key="overview.formation")
     with st.expander("Every step: circuit or not, gap +- se, z, share of the largest gap, reproducibility"):
         st.dataframe(formation.step_rows(steps, e, tracked.epochs), hide_index=True, key="overview.steps")
 
