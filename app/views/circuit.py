@@ -164,7 +164,8 @@ def circuit_status(step: int) -> None:
         resamples, share = data.bootstrap_settings(study)
         faith = data.array(path, stamp, "circuit/stable_faithfulness")
         faithful = "" if faith is None or not np.isfinite(faith[i]) else f", faithfulness {float(faith[i]):.2f}"
-        st.caption(ui.md(f"Step {step}: {line}. Stable circuit: the edges in >= {share:.0%} of {resamples} "
+        said = f"{line}. " if line else ""
+        st.caption(ui.md(f"Step {step}: {said}Stable circuit: the edges in >= {share:.0%} of {resamples} "
                          f"bootstrap resamples ({int(stack.circuit[i].sum())} edges{faithful})."))
     elif line:
         st.caption(ui.md(f"Step {step}: {line}."))
