@@ -9,6 +9,7 @@
 - ``components/``: the SVG graph as an ``st.components.v2`` component (inline JS).
 - ``charts.py``: the app's own plotly figures; study-level figures come from ``circuits.figures``.
 - ``ui.py``: shared page helpers (errors as messages, text escaping).
+- ``formation.py``: the formation account as the pages word it (no Streamlit; unit-tested).
 - ``circuits/bench/app.py`` (drives ``main.py`` by path, importing nothing from here): ``bench_app()``.
 
 Installed, this folder is the package ``circuits_app`` (pyproject ``package-dir``); ``main.py``

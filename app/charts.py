@@ -85,3 +85,80 @@ def jaccard_heatmap(steps: list[int], matrix: np.ndarray, marked: tuple[int, ...
                       xaxis={"type": "category", "title": "step"},
                       yaxis={"type": "category", "autorange": "reversed", "title": "step"})
     return fig
+
+
+EPOCH_COLOURS = ("rgba(33, 102, 172, 0.13)", "rgba(26, 152, 80, 0.13)", "rgba(153, 112, 171, 0.15)",
+                 "rgba(230, 97, 1, 0.13)")
+NO_CIRCUIT_COLOUR = "rgba(158, 158, 158, 0.18)"
+
+
+def band_edges(steps: list[int], starts: list[int], ends: list[int]) -> list[tuple[float, float]]:
+    """x extents of bands covering runs of steps: each boundary halfway between one run's last step and
+    the next run's first, so that a one-step run still shows."""
+    out = []
+    for k, (start, end) in enumerate(zip(starts, ends, strict=True)):
+        x0 = float(start) if k == 0 else (ends[k - 1] + start) / 2
+        x1 = float(end) if k == len(starts) - 1 else (end + starts[k + 1]) / 2
+        if x0 == x1:  # a study of one step
+            x0, x1 = x0 - 0.5, x1 + 0.5
+        out.append((x0, x1))
+    return out
+
+
+def formation_timeline(steps: list[int], gap: np.ndarray, se: np.ndarray, share: np.ndarray,
+                       reproducibility: np.ndarray, has_circuit: np.ndarray, bands: list[tuple[str, bool, int, int]],
+                       reproducible: float, checked: tuple[tuple[int, bool], ...] = (), step: int | None = None
+                       ) -> go.Figure:
+    """The gap +- se per step (steps with a circuit filled, without hollow) over the epochs of the
+    mechanism as labelled bands; below, the gap's share of the study's largest and the resamples'
+    reproducibility with its bar, and the steps checked against exact patching (``checked``:
+    (step, poor), red when poor). ``bands`` are (label, has_circuit, start step, end step)."""
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, row_heights=[0.6, 0.4], vertical_spacing=0.06)
+    x = np.asarray(steps)
+    has = np.asarray(has_circuit, dtype=bool)
+    hover = [f"step {s}<br>gap {g:.3g} +- {e:.2g}<br>share {sh:.1%}<br>reproducibility {r:.2f}"
+             for s, g, e, sh, r in zip(steps, gap, se, share, reproducibility, strict=True)]
+    for name, chosen, marker in (("has a circuit", has, {"color": "#2166ac", "size": 8}),
+                                 ("no circuit", ~has, {"color": "#9e9e9e", "size": 8, "symbol": "circle-open"})):
+        idx = np.nonzero(chosen)[0]
+        fig.add_trace(go.Scatter(x=x[idx], y=np.asarray(gap)[idx], mode="markers", name=name, marker=marker,
+                                 error_y={"type": "data", "array": np.asarray(se)[idx], "visible": True},
+                                 text=[hover[i] for i in idx], hovertemplate="%{text}<extra></extra>"),
+                      row=1, col=1)
+    fig.add_trace(go.Scatter(x=x, y=share, mode="lines+markers", name="share of the largest gap",
+                             line={"color": "#4393c3"}, marker={"color": np.where(has, "#2166ac", "#bdbdbd")},
+                             hovertemplate="step %{x}<br>share %{y:.1%}<extra></extra>"), row=2, col=1)
+    if np.isfinite(reproducibility).any():
+        fig.add_trace(go.Scatter(x=x, y=reproducibility, mode="lines+markers", name="reproducibility",
+                                 line={"color": "#b2182b"}, hovertemplate="step %{x}<br>reproducibility %{y:.2f}<extra></extra>"),
+                      row=2, col=1)
+        fig.add_hline(y=reproducible, line_dash="dot", line_color="#b2182b", row=2, col=1)
+    at = {int(v): k for k, v in enumerate(steps)}
+    ringed = [(c, poor) for c, poor in checked if c in at]
+    if ringed:  # a diamond around each checked step's point
+        fig.add_trace(go.Scatter(x=[c for c, _ in ringed], y=[float(gap[at[c]]) for c, _ in ringed], mode="markers",
+                                 name="checked against exact patching (red: poor)",
+                                 marker={"symbol": "diamond-open", "size": 17, "line": {"width": 2},
+                                         "color": ["#b2182b" if poor else "#444444" for _, poor in ringed]},
+                                 text=["poor" if poor else "not poor" for _, poor in ringed],
+                                 hovertemplate="step %{x}: checked against exact patching, %{text}<extra></extra>"),
+                      row=1, col=1)
+    extents = band_edges(steps, [b[2] for b in bands], [b[3] for b in bands])
+    colour = 0
+    for k, ((label, with_circuit, _, _), (x0, x1)) in enumerate(zip(bands, extents, strict=True)):
+        fill = EPOCH_COLOURS[colour % len(EPOCH_COLOURS)] if with_circuit else NO_CIRCUIT_COLOUR
+        colour += int(with_circuit)
+        fig.add_vrect(x0=x0, x1=x1, fillcolor=fill, line_width=0, layer="below", row="all", col=1)
+        fig.add_annotation(x=(x0 + x1) / 2, y=1.0, yref="paper", yanchor="bottom", yshift=16 * (k % 2),
+                           text=plain(label), showarrow=False, font={"size": 11})  # staggered: narrow bands
+    if step is not None:
+        fig.add_vline(x=step, line_dash="dot", line_color="#ff7f0e")
+    fig.update_yaxes(title_text="gap +- se", row=1, col=1)
+    fig.update_yaxes(title_text="share / repro.", range=[0, 1.05], row=2, col=1)
+    fig.update_xaxes(title_text="step", row=2, col=1)
+    fig.update_layout(title={"text": "Gap +- se per step (filled: has a circuit) over the epochs of the mechanism",
+                             "y": 0.98}, height=460, margin={"l": 10, "r": 10, "t": 80, "b": 10},
+                      legend={"orientation": "h", "yanchor": "top", "y": -0.17, "xanchor": "left", "x": 0})
+    return fig

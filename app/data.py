@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import os
 import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,8 +20,10 @@ import numpy as np
 import streamlit as st
 
 from circuits.errors import CircuitsError
+from circuits.tracking import Explanandum
 
 from . import graph_view as gv
+from .formation import EdgeStats, stats_at
 
 CIRCUIT_KEYS = ("circuit/scores", "circuit/in_circuit")
 # One Study object serves every browser session (cache_resource), and its shard handles are an
@@ -71,14 +74,56 @@ def study(path: str):
 
 @dataclass(frozen=True)
 class CircuitStack:
-    """Every step's dense graph, read once per study version (shared, never mutated)."""
+    """Every step's dense graph, read once per study version (shared, never mutated).
+
+    ``circuit`` is what the pages call *the circuit*: the stable circuit (``circuit/stable``,
+    edges in most bootstrap resamples) at the steps that have one by the library's rule
+    (``explained``), empty elsewhere, as ``circuits.tracking.track`` tracks it. A study without
+    the bootstrap (``stable`` None) falls back to the full-data circuit ``in_circuit``.
+    """
 
     steps: tuple[int, ...]
     forward_names: tuple[str, ...]
     backward_names: tuple[str, ...]
     scores: np.ndarray  # [n_steps, n_forward, n_backward]
-    in_circuit: np.ndarray  # bool, same shape
+    in_circuit: np.ndarray  # bool, same shape: the full-data circuit
     layout: gv.Layout
+    circuit: np.ndarray  # bool, same shape: the stable circuit where a step has one
+    stable: np.ndarray | None = None  # bool, same shape, as stored (ungated)
+    inclusion: np.ndarray | None = None  # share of resamples holding each edge
+    score_se: np.ndarray | None = None  # bootstrap standard error of each score
+    explained: Explanandum | None = None  # per step: is there a circuit to explain
+
+    def stored(self, mode: str) -> np.ndarray:
+        """The stored masks over steps for a stored mode: ``circuit`` (stable) or ``full`` (full data)."""
+        return self.in_circuit if mode == "full" else self.circuit
+
+    def stats(self, i: int) -> EdgeStats:
+        return stats_at(self.inclusion, self.score_se, i)
+
+
+def _read_owned(s, key: str, dtype) -> np.ndarray | None:
+    """``key`` over steps as a read-only array we own, or None when the study lacks it."""
+    if not s.has(key):
+        return None
+    out = np.array(s.array(key), dtype=dtype)
+    out.setflags(write=False)
+    return out
+
+
+def _explained(s) -> Explanandum | None:
+    """The library's rule (``circuits.tracking.explanandum``, default thresholds) on the stored numbers,
+    read as ``track`` reads them: None when the study lacks the clean and corrupted metrics."""
+    from circuits.tracking import explanandum
+
+    if not (s.has("outputs/metric_clean") and s.has("outputs/metric_corrupted")):
+        return None
+    repro = None
+    if s.has("circuit/resample_jaccard"):
+        with warnings.catch_warnings():  # a step without resamples is all NaN: its mean is NaN
+            warnings.simplefilter("ignore", RuntimeWarning)
+            repro = np.nanmean(np.asarray(s.array("circuit/resample_jaccard"), dtype=float), axis=1)
+    return explanandum(s.metric(per_example=True), s.metric_corrupted(per_example=True), repro)
 
 
 @st.cache_resource(max_entries=8, show_spinner=False)
@@ -95,18 +140,30 @@ def circuit_stack(path: str, stamp_: float) -> CircuitStack | None:
     spec = spec_for_study(s, scores.shape[1:])
     scores[:, ~spec.valid] = np.nan  # pairs that cannot be edges are never drawn
     forward, backward = spec.forward_names, spec.backward_names
-    scores.setflags(write=False)
-    in_circuit.setflags(write=False)
+    stable = _read_owned(s, "circuit/stable", bool)
+    explained = _explained(s)
+    circuit = (in_circuit if stable is None else stable) & np.isfinite(scores)
+    if explained is not None:
+        circuit = circuit & explained.has_circuit[:, None, None]
+    for arr in (scores, in_circuit, circuit):
+        arr.setflags(write=False)
     return CircuitStack(tuple(int(x) for x in s.steps), tuple(forward), tuple(backward), scores,
-                        in_circuit, gv.layout(list(forward), list(backward)))
+                        in_circuit, gv.layout(list(forward), list(backward)), circuit, stable,
+                        _read_owned(s, "circuit/inclusion", np.float32),
+                        _read_owned(s, "circuit/score_se", np.float32), explained)
 
 
 def edge_masks(stack: CircuitStack, mode: str, threshold: float, top_n: int) -> np.ndarray:
-    """[n_steps, F, B] selection masks for every step (vectorised for the stored circuit)."""
-    if mode == "circuit":
-        return stack.in_circuit & np.isfinite(stack.scores)
+    """[n_steps, F, B] selection masks for every step (vectorised for the stored circuits)."""
+    if mode in gv.STORED:
+        return stack.stored(mode) & np.isfinite(stack.scores)
     return np.stack([gv.select_edges(stack.scores[i], None, mode, threshold, top_n)
                      for i in range(len(stack.steps))])
+
+
+def selection_at(stack: CircuitStack, i: int, mode: str, threshold: float, top_n: int) -> np.ndarray:
+    """The edges drawn at step index ``i`` for a selection."""
+    return gv.select_edges(stack.scores[i], stack.stored(mode)[i], mode, threshold, top_n)
 
 
 @st.cache_data(max_entries=512, show_spinner=False)
@@ -115,13 +172,13 @@ def graph_json(path: str, stamp_: float, step: int, mode: str, threshold: float,
     """What the graph component draws at ``step``, diffed against the previous step."""
     stack = circuit_stack(path, stamp_)
     i = stack.steps.index(step)
-    current = gv.select_edges(stack.scores[i], stack.in_circuit[i], mode, threshold, top_n)
-    previous = prev_scores = None
+    current = selection_at(stack, i, mode, threshold, top_n)
+    previous = prev_scores = prev_stats = None
     if i > 0:
-        previous = gv.select_edges(stack.scores[i - 1], stack.in_circuit[i - 1], mode, threshold, top_n)
-        prev_scores = stack.scores[i - 1]
+        previous = selection_at(stack, i - 1, mode, threshold, top_n)
+        prev_scores, prev_stats = stack.scores[i - 1], stack.stats(i - 1)
     out = gv.view(stack.layout, list(stack.forward_names), list(stack.backward_names),
-                  stack.scores[i], current, previous, prev_scores, selected)
+                  stack.scores[i], current, previous, prev_scores, selected, stack.stats(i), prev_stats)
     out["step"] = step
     out["previous_step"] = stack.steps[i - 1] if i > 0 else None
     return out
@@ -175,8 +232,59 @@ def tracking(path: str, stamp_: float):
     return track(_open(path, stamp_))
 
 
+@st.cache_data(max_entries=16, show_spinner=False)
+@_serialised
+def roles(path: str, stamp_: float) -> list:
+    """The heads the library finds taking a detector's role (``Tracking.roles()``: a material rise),
+    from the detector scores alone: what the Circuit page needs without tracking the whole study."""
+    from circuits.tracking import Tracking
+
+    s = _open(path, stamp_)
+    heads = {k.removeprefix("heads/"): np.asarray(s.array(k), dtype=float) for k in head_keys(s)}
+    return Tracking(run="", steps=np.asarray(s.steps), curves={}, heads=heads, circuit=None, phases=[],
+                    stability={}).roles()
+
+
 def head_keys(s) -> list[str]:
     """Detector score arrays ([n_steps, L, H]) the study holds, e.g. ``heads/induction``."""
     names = [k for k in s.keys("heads") if k.count("/") == 1]
     first = [k for k in ("heads/induction", "heads/previous_token") if k in names]
     return first + [k for k in names if k not in first]
+
+
+TRUST_KEY = "circuit/trust"  # circuits.discovery.trust.TRUST_KEY; named here so that a study without it loads no torch
+
+
+@st.cache_data(max_entries=16, show_spinner=False)
+@_serialised
+def trust(path: str, stamp_: float) -> tuple[list, dict]:
+    """(the checked steps' ``TrustReport``s, what ``trust_text`` needs besides them); ([], {}) unchecked.
+
+    The trust module lives in ``circuits.discovery``, whose package loads torch: imported only for
+    a study that holds trust checks."""
+    s = _open(path, stamp_)
+    if not s.has(TRUST_KEY):
+        return [], {}
+    from circuits.discovery.trust import trust_from_study, trust_settings
+
+    return trust_from_study(s), trust_settings(s)
+
+
+def bootstrap_settings(s) -> tuple[int, float]:
+    """(resamples, stable share) the study's circuits were bootstrapped with (its recorded options)."""
+    from circuits.config import RESAMPLES, STABLE_SHARE
+
+    options = s.provenance.get("options", {}) or {}
+    return int(options.get("resamples", RESAMPLES)), float(options.get("stable_share", STABLE_SHARE))
+
+
+@st.cache_data(max_entries=256, show_spinner=False)
+def edge_table(path: str, stamp_: float, step: int, mode: str, threshold: float, top_n: int) -> list[dict]:
+    """The edges drawn at ``step`` with their score +- se, inclusion, and which stored circuit holds them."""
+    stack = circuit_stack(path, stamp_)
+    i = stack.steps.index(step)
+    circuits = {"full-data circuit": stack.in_circuit[i]}
+    if stack.stable is not None:
+        circuits = {"stable circuit": stack.circuit[i]} | circuits
+    return gv.edge_rows(list(stack.forward_names), list(stack.backward_names), stack.scores[i],
+                        selection_at(stack, i, mode, threshold, top_n), stack.stats(i), circuits)

@@ -20,12 +20,16 @@ from jaxtyping import Bool, Float
 
 from circuits import graph
 
+from .formation import EdgeStats
+
 # Colours (colour-blind safe pairs): kept edges by sign, added and removed marked apart.
 POSITIVE = "#2166ac"
 NEGATIVE = "#b2182b"
 ADDED = "#1a9850"
 REMOVED = "#9e9e9e"
 PORT_OFFSET = {"q": -1.0, "k": 0.0, "v": 1.0, "": 0.0}
+
+STORED = ("circuit", "full")  # selections read from the study: the stable circuit, the full-data circuit
 
 X_GAP = 70.0  # pixels between heads in a row
 Y_GAP = 60.0  # pixels between rows
@@ -104,15 +108,16 @@ def select_edges(
     threshold: float = 0.0,
     top_n: int = 50,
 ) -> Bool[np.ndarray, "n_forward n_backward"]:
-    """Which edges to draw: the stored circuit, |score| >= threshold, or the top-n by |score|.
+    """Which edges to draw: a stored circuit (``circuit``: the stable circuit, ``full``: the
+    full-data one; ``in_circuit`` is that mask), |score| >= threshold, or the top-n by |score|.
 
     Non-finite scores (edges that cannot exist, written as NaN) are never selected.
     """
     magnitude = np.abs(np.nan_to_num(scores, nan=0.0, posinf=0.0, neginf=0.0))
     finite = np.isfinite(scores)
-    if mode == "circuit":
+    if mode in STORED:
         if in_circuit is None:
-            raise ValueError("mode 'circuit' needs the stored in_circuit mask")
+            raise ValueError(f"mode {mode!r} needs the stored circuit's mask")
         return np.asarray(in_circuit, dtype=bool) & finite
     if mode == "threshold":
         return finite & (magnitude >= threshold) & (magnitude > 0)
@@ -123,7 +128,7 @@ def select_edges(
         if n:
             mask[np.argpartition(-flat, n - 1)[:n]] = True
         return mask.reshape(scores.shape)
-    raise ValueError(f"unknown edge selection {mode!r}; expected circuit, threshold or top-n")
+    raise ValueError(f"unknown edge selection {mode!r}; expected circuit, full, threshold or top-n")
 
 
 def diff(
@@ -158,12 +163,16 @@ def view(
     previous: Bool[np.ndarray, "n_forward n_backward"] | None = None,
     previous_scores: Float[np.ndarray, "n_forward n_backward"] | None = None,
     selected: str | None = None,
+    stats: EdgeStats | None = None,
+    previous_stats: EdgeStats | None = None,
 ) -> dict:
     """The JSON the graph component draws: nodes (fixed positions) and edges with style.
 
     Edge ``status`` is ``kept``, ``added`` (not in the previous step's selection) or ``removed``
     (in the previous step's, not in this one; drawn with the previous score). Width grows with
-    |score| relative to the largest drawn; colour is the sign for kept edges.
+    |score| relative to the largest drawn; colour is the sign for kept edges. With ``stats``
+    (the step's bootstrap) each edge also carries its ``inclusion`` (share of resamples holding
+    it) and ``se`` (its score's standard error), None without; a removed edge the previous step's.
     """
     kept, added, removed = diff(previous, current)
     edges = []
@@ -174,11 +183,11 @@ def view(
         values = np.nan_to_num(source[rows, cols])
         if values.size:
             largest = max(largest, float(np.abs(values).max()))
-        edges.append((status, rows, cols, values))
+        edges.append((status, rows, cols, values, previous_stats if status == "removed" else stats))
     largest = largest or 1.0
-    active = set()
+    active: set[str] = set()
     out_edges = []
-    for status, rows, cols, values in edges:
+    for status, rows, cols, values, edge_stats in edges:
         for r, c, value in zip(rows.tolist(), cols.tolist(), values.tolist(), strict=True):
             writer = forward_names[r]
             reader = parse_node(backward_names[c])
@@ -199,6 +208,8 @@ def view(
                 "width": round(width, 2),
                 "color": colour,
                 "status": status,
+                "inclusion": _at(None if edge_stats is None else edge_stats.inclusion, r, c, 3),
+                "se": _at(None if edge_stats is None else edge_stats.score_se, r, c, 6),
             })
     nodes = [
         {
@@ -217,7 +228,33 @@ def view(
             "edges": out_edges, "counts": counts}
 
 
+def _at(values: np.ndarray | None, r: int, c: int, digits: int) -> float | None:
+    if values is None or not np.isfinite(values[r, c]):
+        return None
+    return round(float(values[r, c]), digits)
+
+
 def _label(node: Node) -> str:
     if node.kind == "head":
         return f"{node.layer}.{node.head}"
     return node.name
+
+
+def edge_rows(
+    forward_names: list[str],
+    backward_names: list[str],
+    scores: Float[np.ndarray, "n_forward n_backward"],
+    drawn: Bool[np.ndarray, "n_forward n_backward"],
+    stats: EdgeStats,
+    circuits: dict[str, np.ndarray],
+) -> list[dict]:
+    """One row per drawn edge, strongest first: score, its standard error, the share of resamples
+    holding it, and whether each named circuit (``{"stable circuit": mask, ...}``) holds it."""
+    rows, cols = np.nonzero(np.asarray(drawn, dtype=bool))
+    order = np.argsort(-np.abs(np.nan_to_num(scores[rows, cols])), kind="stable")
+    out = []
+    for r, c in zip(rows[order].tolist(), cols[order].tolist(), strict=True):
+        out.append({"edge": f"{forward_names[r]}->{backward_names[c]}", "score": float(scores[r, c]),
+                    "+- se": _at(stats.score_se, r, c, 6), "in resamples": _at(stats.inclusion, r, c, 3)}
+                   | {name: bool(mask[r, c]) for name, mask in circuits.items()})
+    return out

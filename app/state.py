@@ -18,7 +18,9 @@ from circuits.errors import CircuitsError
 
 from .graph_view import parse_node
 
-MODES = ("circuit", "threshold", "top-n")
+MODES = ("circuit", "full", "threshold", "top-n")  # circuit: the stable circuit; full: the full-data one
+MODE_LABELS = {"circuit": "stable circuit", "full": "full-data circuit", "threshold": "|score| >= threshold",
+               "top-n": "top n by |score|"}
 # The launcher sets this when the server listens beyond loopback: the URL may then not
 # point the app at another folder on this machine.
 LOCK_ENV = "CIRCUITS_APP_LOCK_STUDY"

@@ -295,3 +295,205 @@ def test_labels_from_files_are_escaped():
     fig = app_charts.attention_heatmap(np.eye(2), ["<b>x</b>", "**y**"], "t")
     assert list(fig.data[0].x) == ["0: &lt;b&gt;x&lt;/b&gt;", "1: **y**"]
     assert ui.md("[link](javascript:x) <script>") == "\\[link\\]\\(javascript\\:x\\) \\<script\\>"
+
+
+# ---------------------------------------------------------------- the formation account
+
+
+def _study_arrays(study_path: Path) -> dict:
+    """What the library says of the study: stable and full-data circuit sizes, which steps have a circuit."""
+    import circuits
+    from circuits.tracking import track
+
+    study = circuits.open_study(study_path)
+    has = track(study).explained.has_circuit
+    return {"steps": [int(s) for s in study.steps], "has": [bool(h) for h in has],
+            "stable": study.array("circuit/stable").reshape(len(has), -1).sum(1),
+            "full": study.array("circuit/in_circuit").reshape(len(has), -1).sum(1)}
+
+
+def frame(at, *columns: str, index: int = 0):
+    """The ``index``-th table on the page holding all of ``columns`` (AppTest gives tables no key)."""
+    found = [d.value for d in at.dataframe if set(columns) <= set(d.value.columns)]
+    assert len(found) > index, (columns, [list(d.value.columns) for d in at.dataframe])
+    return found[index]
+
+
+def _plain(text: str) -> str:
+    return text.replace("\\", "")  # markdown escapes off: the words as shown
+
+
+def test_circuit_shows_the_stable_circuit_by_default(app_study):
+    facts = _study_arrays(app_study)
+    last = facts["steps"][-1]
+    assert facts["has"][-1] and facts["stable"][-1] != facts["full"][-1]  # the two circuits differ here
+    at = run_page(app_study, "circuit", step=last)
+    assert_clean(at)
+    assert at.radio(key="circuit.mode").value == "circuit"
+    assert {m.label: m.value for m in at.metric}["Edges drawn"] == str(facts["stable"][-1])
+    said = _plain(texts(at))
+    assert f"Step {last}: a circuit to explain: gap" in said and "Stable circuit: the edges in >= 80% of 20" in said
+    table = frame(at, "stable circuit", "full-data circuit")
+    assert len(table) == facts["stable"][-1]
+    assert {"score", "+- se", "in resamples", "stable circuit", "full-data circuit"} <= set(table.columns)
+    assert table["stable circuit"].all() and (table["in resamples"] >= 0.8 - 1e-6).all() and (table["+- se"] > 0).all()
+    at.radio(key="circuit.mode").set_value("full").run()  # the full-data circuit stays a choice
+    assert_clean(at)
+    assert {m.label: m.value for m in at.metric}["Edges drawn"] == str(facts["full"][-1])
+    assert at.query_params["mode"] in ("full", ["full"])
+
+
+def test_circuit_at_a_step_without_a_circuit(app_study):
+    facts = _study_arrays(app_study)
+    step = facts["steps"][facts["has"].index(False)]  # step 0: no effect to explain yet
+    at = run_page(app_study, "circuit", step=step)
+    assert_clean(at)
+    info = _plain(" ".join(str(i.value) for i in at.info))
+    assert f"Step {step}: no circuit yet: gap" in info and "+- " in info and "(z " in info
+    assert "reproducibility" in info and "below the rule (|z|" in info
+    assert {m.label: m.value for m in at.metric}["Edges drawn"] == "0"
+    at.radio(key="circuit.mode").set_value("top-n").run()  # the scores are still there
+    at.number_input(key="circuit.top_n").set_value(5).run()
+    assert_clean(at)
+    assert {m.label: m.value for m in at.metric}["Edges drawn"] == "5"
+    assert "no circuit yet" in _plain(texts(at))  # still said under another selection
+
+
+def test_circuit_trust_line_at_a_checked_step(app_study):
+    at = run_page(app_study, "circuit", step=1000)
+    assert_clean(at)
+    said = _plain(texts(at))
+    assert "step 1000: EAP vs exact: rho " in said and " signed, " in said and " on |score|, top-10 overlap " in said
+    assert not at.warning  # not poor on this study
+
+
+def test_circuit_node_roles(app_study):
+    node = induction_head(app_study)
+    at = run_page(app_study, "circuit", step=1000, node=node)
+    assert_clean(at)
+    roles = [c for c in _plain(texts(at)).splitlines() if c.startswith("Role: ")]
+    assert any(line.startswith(f"Role: {node} induction: ") and "formed at step" in line for line in roles), roles
+    at = run_page(app_study, "circuit", step=1000, node="a0.h3")  # no material role
+    assert_clean(at)
+    assert "No material detector role" in texts(at)
+
+
+def test_overview_formation_account(app_study):
+    at = run_page(app_study)
+    assert_clean(at)
+    assert not at.error, [e.value for e in at.error]
+    facts = _study_arrays(app_study)
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Steps with a circuit"] == f"{sum(facts['has'])} of {len(facts['has'])}"
+    assert metrics["First circuit at step"] == f"{facts['steps'][facts['has'].index(True)]:,}"
+    assert charts(at) >= 3  # formation timeline, curves, circuit evolution
+    epochs = frame(at, "epoch", "similarity >=")
+    assert list(epochs["epoch"])[0] == "E1 no circuit yet" and list(epochs["circuit"])[:2] == ["no", "yes"]
+    assert list(epochs["added"])[1] == list(epochs["edges"])[1]  # the first circuit: every edge is new
+    changes = frame(at, "edge", "change", index=int((epochs["added"] + epochs["dropped"] > 0).sum()) - 1)
+    assert "added" in set(changes["change"]) and any("<k>" in e for e in changes["edge"])  # K-composition comes last
+    steps = frame(at, "share of largest gap")
+    assert list(steps["circuit"]) == ["yes" if h else "no" for h in facts["has"]]
+    assert steps["share of largest gap"].max() == pytest.approx(1.0)
+    said = _plain(texts(at))
+    assert "how far to trust EAP (against exact patching at 5 step(s)" in said
+    assert "step 1000: EAP vs exact: rho" in said
+    assert "metric rise at step" in said and "started earlier" in said  # leading indicators per phase change
+
+
+@pytest.fixture(scope="module")
+def poor_study(app_study, tmp_path_factory) -> Path:
+    """The study with step 1000's trust check marked poor (as a misranking method would leave it)."""
+    import h5py
+
+    from circuits.discovery.trust import TRUST_FIELDS
+
+    out = tmp_path_factory.mktemp("poor") / "study"
+    shutil.copytree(app_study, out)
+    with h5py.File(out / "shards" / "step00001000.h5", "a") as f:
+        trust = f["circuit/trust"][...]
+        trust[TRUST_FIELDS.index("poor")] = 1.0
+        f["circuit/trust"][...] = trust
+    return out
+
+
+@pytest.mark.parametrize("page", ("overview", "circuit"))
+def test_poor_trust_warns_with_remedies(poor_study, page):
+    at = run_page(poor_study, page, step=1000)
+    assert_clean(at)
+    warning = _plain(" ".join(str(w.value) for w in at.warning))
+    assert "poor at step(s) 1000" in warning and "--ig-steps 30" in warning and "--method patching" in warning
+    if page == "circuit":
+        assert "step 1000: EAP vs exact: rho" in warning and "POOR" in warning
+
+
+def test_heads_role_lines_only_where_material(app_study):
+    at = run_page(app_study, "heads", step=1000)
+    assert_clean(at)
+    roles = [c for c in _plain(texts(at)).splitlines() if c.startswith("Role: ")]
+    assert roles and all(" induction: " in line for line in roles)
+    assert any("in the stable circuit from step" in line for line in roles)
+    at.selectbox(key="heads.detector").set_value("duplicate_token").run()  # a flat detector: no role
+    assert_clean(at)
+    if "duplicate token" not in {r.split(" ", 2)[2].split(":")[0] for r in roles}:
+        assert "No head takes the duplicate token role" in texts(at)
+
+
+def test_compare_uses_the_stable_circuit(app_study):
+    facts = _study_arrays(app_study)
+    at = run_page(app_study, "compare", step=facts["steps"][1])
+    assert_clean(at)
+    assert "Comparing the stable circuit" in texts(at)
+    info = _plain(" ".join(str(i.value) for i in at.info))
+    assert f"Step {facts['steps'][0]}: no circuit yet" in info
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics[f"Added by step {facts['steps'][1]}"] == str(facts["stable"][1])  # from nothing
+
+
+# ---------------------------------------------------------------- older studies
+
+
+@pytest.fixture(scope="module")
+def older_study(app_study, tmp_path_factory) -> Path:
+    """The study's description as an older circuits wrote it (before the bootstrap and trust arrays)."""
+    out = tmp_path_factory.mktemp("older") / "study"
+    shutil.copytree(app_study, out)
+    record = json.loads((out / "study.json").read_text())
+    record["format"] = "circuits-study/2"
+    (out / "study.json").write_text(json.dumps(record))
+    return out
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_older_study_gets_the_librarys_line(older_study, page):
+    at = run_page(older_study, page)
+    assert_clean(at)
+    assert len(at.error) == 1
+    message = _plain(at.error[0].value)
+    assert "a study of another circuits version (format 'circuits-study/2'" in message
+    assert "sweep again into a new folder" in message
+
+
+@pytest.fixture(scope="module")
+def study_without_bootstrap(app_study, tmp_path_factory) -> Path:
+    """Circuits without the bootstrap arrays (an analysis of its own, say): the full-data circuit stands in."""
+    import h5py
+
+    out = tmp_path_factory.mktemp("no-bootstrap") / "study"
+    shutil.copytree(app_study, out)
+    for shard in (out / "shards").glob("*.h5"):
+        with h5py.File(shard, "a") as f:
+            for key in ("stable", "stable_faithfulness", "inclusion", "score_se", "resample_jaccard", "trust"):
+                del f[f"circuit/{key}"]
+    return out
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_study_without_bootstrap(study_without_bootstrap, page):
+    at = run_page(study_without_bootstrap, page, step=1000)
+    assert_clean(at)
+    assert not at.error, [e.value for e in at.error]
+    if page == "circuit":
+        assert "no stable circuit" in texts(at)
+        table = frame(at, "full-data circuit")
+        assert "stable circuit" not in table.columns and table["in resamples"].isna().all()

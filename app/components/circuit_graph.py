@@ -1,7 +1,8 @@
 """The circuit graph as an ``st.components.v2`` component: SVG drawn by inline JS, no build step.
 
 Python hands it ``graph_view.view(...)`` (nodes at fixed positions, styled edges); clicking a
-node sends its name back as the ``node`` trigger. Every string from the study reaches the page
+node sends its name back as the ``node`` trigger. An edge's tooltip gives its score +- its
+bootstrap standard error and the share of resamples holding it, where the study has them. Every string from the study reaches the page
 through ``textContent``/``setAttribute``, never ``innerHTML``, so names show as text.
 Nothing is fetched at run time: the JS below is the whole component.
 """
@@ -91,7 +92,13 @@ export default function(component) {
     path.setAttribute('data-status', e.status);
     path.setAttribute('data-edge', e.id);
     const title = document.createElementNS(NS, 'title');
-    title.textContent = e.id + '  score ' + e.score + '  (' + e.status + ')';
+    let tip = e.id + '  score ' + e.score;
+    if (e.se !== null && e.se !== undefined) tip += ' \u00b1 ' + e.se;
+    if (e.inclusion !== null && e.inclusion !== undefined) {
+      tip += ', in ' + Math.round(e.inclusion * 100) + '% of resamples';
+      path.setAttribute('data-inclusion', String(e.inclusion));
+    }
+    title.textContent = tip + '  (' + e.status + ')';
     path.appendChild(title);
     edgeLayer.appendChild(path);
   }

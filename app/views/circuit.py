@@ -1,6 +1,8 @@
 """Circuit: the graph at the selected step (fixed positions, edges added/removed since the
-previous step), a step slider with play, edge selection, and the selected head's attention
-pattern and detector scores over training.
+previous step), a step slider with play, edge selection (the stable circuit by default, the
+full-data circuit, or all scores by threshold / top n), whether the step has a circuit to
+explain, the trust check at checked steps, the drawn edges with score +- se and inclusion, and
+the selected head's attention pattern, detector scores and material roles.
 
 Moving the slider reruns only the ``graph_panel`` fragment; play reruns it on a timer.
 """
@@ -10,10 +12,10 @@ from __future__ import annotations
 import numpy as np
 import streamlit as st
 
-from app import charts, data, ui
+from app import charts, data, formation, ui
 from app.components.circuit_graph import circuit_graph
 from app.graph_view import parse_node
-from app.state import MODES
+from app.state import MODE_LABELS, MODES
 
 settings, study, stamp = ui.open_page("Circuit")
 path = settings.study
@@ -49,11 +51,11 @@ def _toggle_play() -> None:
         st.session_state["circuit.step"] = steps[0]  # play from the start when at the end
 
 
-controls = st.columns([2, 2, 1, 1])
+controls = st.columns([3, 2, 1, 1])
 controls[0].radio("Edges", MODES, key="circuit.mode", horizontal=True, on_change=_sync_selection,
-                  format_func={"circuit": "stored circuit", "threshold": "|score| >= threshold",
-                               "top-n": "top n by |score|"}.get,
-                  help="The circuit the sweep selected, or a view of all edge scores")
+                  format_func=MODE_LABELS.get,
+                  help="The stable circuit (edges in most bootstrap resamples, at steps that have a "
+                       "circuit), the circuit selected on all prompts, or a view of all edge scores")
 if st.session_state["circuit.mode"] == "threshold":
     largest = float(np.nanmax(np.abs(stack.scores))) if np.isfinite(stack.scores).any() else 0.0
     controls[1].number_input("Threshold on |score|", min_value=0.0, key="circuit.threshold",
@@ -124,9 +126,17 @@ def graph_panel() -> None:
     stats[1].metric("Edges drawn", counts["kept"] + counts["added"])
     stats[2].metric(f"Added {since}", counts["added"])
     stats[3].metric(f"Removed {since}", counts["removed"])
+    with ui.guard(f"say whether step {step} has a circuit"):
+        circuit_status(step)
+    with ui.guard(f"show the trust check at step {step}"):
+        trust_status(step)
     left, right = st.columns([3, 2])
     with left:
         circuit_graph(view, key="circuit.graph", on_node=_on_graph_click)
+        with ui.guard(f"list the edges drawn at step {step}"):
+            rows = data.edge_table(path, stamp, step, mode, threshold, top_n)
+            with st.expander(f"Edges drawn at step {step} ({len(rows)}): score +- se, share of resamples"):
+                st.dataframe(rows, hide_index=True, key="circuit.edges")
         with ui.guard("draw the metric over training"):
             series = data.curves(path, stamp)
             if series:
@@ -139,6 +149,41 @@ def graph_panel() -> None:
         node_panel(step, st.session_state["circuit.node"])
 
 
+def circuit_status(step: int) -> None:
+    """Whether the step has a circuit to explain (the library's rule, from the stored numbers)."""
+    i = steps.index(step)
+    has, line = formation.step_status(stack.explained, i)
+    if mode == "circuit" and stack.stable is None:
+        st.caption("This study has no stable circuit (swept without the bootstrap): the stable-circuit view "
+                   "shows the full-data circuit.")
+    if not has:
+        what = ("nothing to draw as its stable circuit. The scores are still there: choose |score| >= "
+                "threshold or top n" if mode == "circuit" else "what is drawn is not a circuit to explain")
+        st.info(f"Step {step}: {ui.md(line)}; {what}.", icon=":material/info:")
+    elif mode == "circuit" and stack.stable is not None:
+        resamples, share = data.bootstrap_settings(study)
+        faith = data.array(path, stamp, "circuit/stable_faithfulness")
+        faithful = "" if faith is None or not np.isfinite(faith[i]) else f", faithfulness {float(faith[i]):.2f}"
+        said = f"{line}. " if line else ""
+        st.caption(ui.md(f"Step {step}: {said}Stable circuit: the edges in >= {share:.0%} of {resamples} "
+                         f"bootstrap resamples ({int(stack.circuit[i].sum())} edges{faithful})."))
+    elif line:
+        st.caption(ui.md(f"Step {step}: {line}."))
+
+
+def trust_status(step: int) -> None:
+    """At a step checked against exact patching: the summary's line on it, a warning when poor."""
+    reports, trust_settings = data.trust(path, stamp)
+    report = formation.report_at(reports, step)
+    if report is None:
+        return
+    lines = formation.trust_lines_at(report, trust_settings)
+    if report.poor:
+        st.warning("  \n".join(ui.md(line) for line in lines), icon=":material/warning:")
+    else:
+        st.caption(ui.md(lines[0]))
+
+
 def node_panel(step: int, node: str | None) -> None:
     if node is None:
         st.caption("Select a head to see its attention pattern at this step and its scores over training.")
@@ -148,7 +193,8 @@ def node_panel(step: int, node: str | None) -> None:
         view = data.graph_json(path, stamp, step, mode, threshold, top_n, node)
         touching = [e for e in view["edges"] if node in (e["src"], e["dst"]) and e["status"] != "removed"]
         if touching:
-            st.dataframe([{"edge": e["id"], "score": e["score"], "status": e["status"]} for e in touching],
+            st.dataframe([{"edge": e["id"], "score": e["score"], "+- se": e["se"], "in resamples": e["inclusion"],
+                           "status": e["status"]} for e in touching],
                          hide_index=True, height=min(35 * len(touching) + 40, 220), key="circuit.node_edges")
         else:
             st.caption("No drawn edge touches this node at this step.")
@@ -172,8 +218,18 @@ def node_panel(step: int, node: str | None) -> None:
         if series:
             st.plotly_chart(charts.lines_over_steps(steps, series, step, f"{node}: detector scores", "score"),
                             key="circuit.node_scores")
+            role_lines(node)
         else:
             st.caption("This study has no head detector scores.")
+
+
+def role_lines(node: str) -> None:
+    """The detector roles the library finds material for this head (none: a caption saying so)."""
+    roles = [r for r in data.roles(path, stamp) if r.head == node]
+    if roles:
+        st.caption("  \n".join(ui.md(f"Role: {formation.role_text(role)}") for role in roles))
+    else:
+        st.caption("No material detector role (no score rising >= 0.1 above step 0 and half the strongest head's rise).")
 
 
 graph_panel()

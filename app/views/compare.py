@@ -1,14 +1,16 @@
-"""Compare: two steps side by side with their shared / added / removed edges, and the step x
-step Jaccard similarity of circuits."""
+"""Compare: two steps side by side with their shared / added / removed edges (of the stable
+circuit unless the Circuit page chose another selection), whether each step has a circuit, and
+the step x step Jaccard similarity of circuits."""
 
 from __future__ import annotations
 
 import numpy as np
 import streamlit as st
 
-from app import charts, data, graph_view, ui
+from app import charts, data, formation, graph_view, ui
 from app.components.circuit_graph import circuit_graph
-from circuits.tracking import jaccard
+from app.state import MODE_LABELS
+from circuits.graph import jaccard
 
 settings, study, stamp = ui.open_page("Compare")
 path = settings.study
@@ -22,10 +24,17 @@ earlier = steps[max(steps.index(later) - 1, 0)]
 a = cols[0].selectbox("Earlier step", steps, index=steps.index(earlier), key="compare.a")
 b = cols[1].selectbox("Later step", steps, index=steps.index(later), key="compare.b")
 
+st.caption(f"Comparing the {MODE_LABELS.get(mode, mode)} (the Circuit page's edge selection).")
+with ui.guard(f"say whether steps {a} and {b} have a circuit"):
+    for step in (a, b):
+        has, line = formation.step_status(stack.explained, steps.index(step))
+        if not has:
+            st.info(f"Step {step}: {ui.md(line)}.", icon=":material/info:")
+
 with ui.guard(f"compare steps {a} and {b}"):
     ia, ib = steps.index(a), steps.index(b)
-    mask_a = graph_view.select_edges(stack.scores[ia], stack.in_circuit[ia], mode, threshold, top_n)
-    mask_b = graph_view.select_edges(stack.scores[ib], stack.in_circuit[ib], mode, threshold, top_n)
+    mask_a = data.selection_at(stack, ia, mode, threshold, top_n)
+    mask_b = data.selection_at(stack, ib, mode, threshold, top_n)
     kept, added, removed = graph_view.diff(mask_a, mask_b)
     stats = st.columns(4)
     stats[0].metric("Shared edges", int(kept.sum()))
@@ -36,17 +45,23 @@ with ui.guard(f"compare steps {a} and {b}"):
     left, right = st.columns(2)
     with left:
         st.caption(f"Step {a}")
-        circuit_graph(graph_view.view(stack.layout, forward, backward, stack.scores[ia], mask_a) | {"step": a},
-                      key="compare.graph_a")
+        circuit_graph(graph_view.view(stack.layout, forward, backward, stack.scores[ia], mask_a,
+                                      stats=stack.stats(ia)) | {"step": a}, key="compare.graph_a")
     with right:
         st.caption(f"Step {b}: added (green) and removed (dashed) relative to step {a}")
         circuit_graph(graph_view.view(stack.layout, forward, backward, stack.scores[ib], mask_b, mask_a,
-                                      stack.scores[ia]) | {"step": b}, key="compare.graph_b")
+                                      stack.scores[ia], stats=stack.stats(ib), previous_stats=stack.stats(ia))
+                      | {"step": b}, key="compare.graph_b")
     rows = []
+    inclusion = stack.inclusion
     for status, mask in (("added", added), ("removed", removed), ("shared", kept)):
         for r, c in zip(*np.nonzero(mask), strict=True):
-            rows.append({"edge": f"{forward[r]}->{backward[c]}", "status": status,
-                         f"score at {a}": float(stack.scores[ia, r, c]), f"score at {b}": float(stack.scores[ib, r, c])})
+            row = {"edge": f"{forward[r]}->{backward[c]}", "status": status,
+                   f"score at {a}": float(stack.scores[ia, r, c]), f"score at {b}": float(stack.scores[ib, r, c])}
+            if inclusion is not None:
+                row |= {f"in resamples at {a}": float(inclusion[ia, r, c]),
+                        f"in resamples at {b}": float(inclusion[ib, r, c])}
+            rows.append(row)
     with st.expander(f"Edge list ({len(rows)})"):
         st.dataframe(rows, hide_index=True, key="compare.edges")
 

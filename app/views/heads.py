@@ -1,11 +1,12 @@
-"""Heads: head x step heatmap per detector score; attention pattern viewer (step, layer, head,
-example) with the prompt's tokens on the axes."""
+"""Heads: head x step heatmap per detector score, the heads the library finds taking that role
+(material rises only, with when they joined the stable circuit); attention pattern viewer (step,
+layer, head, example) with the prompt's tokens on the axes."""
 
 from __future__ import annotations
 
 import streamlit as st
 
-from app import charts, data, ui
+from app import charts, data, formation, ui
 from circuits import figures
 
 settings, study, stamp = ui.open_page("Heads")
@@ -23,6 +24,12 @@ with ui.guard("draw the head scores"):
         left, right = st.columns(2)
         left.plotly_chart(figures.head_heatmap(tracked, kind), key="heads.heatmap")
         right.plotly_chart(figures.head_score_curves(tracked, kind, step_now), key="heads.curves")
+        roles = [r for r in tracked.roles() if r.kind == kind]
+        if roles:
+            st.caption("  \n".join(ui.md(f"Role: {formation.role_text(role, tracked.circuit)}") for role in roles))
+        else:
+            st.caption(f"No head takes the {kind.replace('_', ' ')} role: no score rises >= 0.1 above step 0 "
+                       "(and half the strongest head's rise).")
 
 st.subheader("Attention pattern")
 
