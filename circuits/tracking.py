@@ -634,21 +634,48 @@ def segment_similar(weights: np.ndarray, similarity: float = EPOCH_SIMILARITY) -
     equally few, the one with the highest total similarity (dynamic programming, exact)."""
     weights = np.asarray(weights, dtype=float)
     n = len(weights)
-    best: list[tuple[int, float, int]] = [(0, 0.0, -1)] + [(n + 1, 0.0, -1)] * n
+    prefix = np.concatenate([np.zeros((1, weights.shape[1])), np.cumsum(weights, 0)])
+    count = np.full(n + 1, n + 1, dtype=np.int64)
+    total = np.zeros(n + 1)
+    start = np.full(n + 1, -1, dtype=np.int64)
+    count[0] = 0
     for j in range(1, n + 1):
-        for i in range(j - 1, -1, -1):
-            sim = _weighted_jaccard_rows(weights[i:j], weights[i:j].mean(0))
-            if sim.min() < similarity:
-                continue
-            count, total = best[i][0] + 1, best[i][1] + float(sim.sum())
-            if count < best[j][0] or (count == best[j][0] and total > best[j][1]):
-                best[j] = (count, total, i)
+        low, high = _segment_similarities(weights, prefix, j)  # of each segment [i, j), i = 0..j-1
+        feasible = low >= similarity
+        if not feasible.any():
+            continue
+        i = np.nonzero(feasible)[0]
+        counts, totals = count[i] + 1, total[i] + high[i]
+        fewest = counts == counts.min()
+        best_total = totals[fewest].max()
+        # among the fewest, the highest total; a tie (to rounding) goes to the latest start
+        chosen = int(i[fewest & (totals >= best_total - 1e-9)].max())
+        count[j], total[j], start[j] = count[chosen] + 1, total[chosen] + high[chosen], chosen
     out, j = [], n
     while j > 0:
-        i = best[j][2]
-        out.append((i, j))
-        j = i
+        out.append((int(start[j]), j))
+        j = int(start[j])
     return out[::-1]
+
+
+SEGMENT_BLOCK = 2e7  # floats held at once while comparing every segment's rows with its mean
+
+
+def _segment_similarities(weights: np.ndarray, prefix: np.ndarray, j: int) -> tuple[np.ndarray, np.ndarray]:
+    """For every segment ``[i, j)``: the lowest and the summed weighted Jaccard of its rows
+    against its mean row (means from the prefix sums; segments in blocks that fit SEGMENT_BLOCK)."""
+    rows = weights[:j]
+    low, high = np.empty(j), np.empty(j)
+    block = max(1, int(SEGMENT_BLOCK // max(j * rows.shape[1], 1)))
+    for a in range(0, j, block):
+        i = np.arange(a, min(a + block, j))
+        means = (prefix[j] - prefix[i]) / (j - i)[:, None]  # [segment, d]
+        top = np.maximum(rows[None], means[:, None]).sum(2)  # [segment, row]
+        sim = np.where(top > 0, np.minimum(rows[None], means[:, None]).sum(2) / np.where(top > 0, top, 1.0), 1.0)
+        inside = np.arange(j)[None, :] >= i[:, None]
+        low[i] = np.where(inside, sim, np.inf).min(1)
+        high[i] = np.where(inside, sim, 0.0).sum(1)
+    return low, high
 
 
 def mechanism_epochs(shares: np.ndarray, masks: np.ndarray, steps: np.ndarray | list[int],

@@ -354,3 +354,37 @@ def test_a_curve_that_moves_first_leads_the_targets_phase_change():
     assert restricted["lead_steps"] == 400 and restricted["lead_tokens"] == 400_000
     (no_tokens,) = leading_indicators("test_loss", phases, curves, steps)
     assert no_tokens.indicators[1]["lead_tokens"] is None
+
+
+def _segments_by_hand(weights, similarity):
+    """The epoch segmentation written as the plain double loop (each segment's mean computed directly)."""
+    n = len(weights)
+    best = [(0, 0.0, -1)] + [(n + 1, 0.0, -1)] * n
+    for j in range(1, n + 1):
+        for i in range(j - 1, -1, -1):
+            rows, mean = weights[i:j], weights[i:j].mean(0)
+            top = np.maximum(rows, mean).sum(1)
+            sim = np.where(top > 0, np.minimum(rows, mean).sum(1) / np.where(top > 0, top, 1.0), 1.0)
+            if sim.min() < similarity:
+                continue
+            count, total = best[i][0] + 1, best[i][1] + float(sim.sum())
+            if count < best[j][0] or (count == best[j][0] and total > best[j][1]):
+                best[j] = (count, total, i)
+    out, j = [], n
+    while j > 0:
+        out.append((best[j][2], j))
+        j = best[j][2]
+    return out[::-1]
+
+
+def test_epoch_segmentation_equals_the_plain_double_loop_on_random_stacks():
+    from circuits.tracking import segment_similar
+
+    rng = np.random.default_rng(1)
+    for _ in range(100):
+        n, d = int(rng.integers(1, 25)), int(rng.integers(1, 10))
+        base = np.abs(rng.normal(size=(3, d)))
+        weights = np.repeat(base, [n // 3, n // 3, n - 2 * (n // 3)], axis=0) + 0.3 * np.abs(rng.normal(size=(n, d)))
+        weights *= rng.random((n, d)) > 0.2
+        similarity = float(rng.choice([0.5, 0.6, 0.8]))
+        assert segment_similar(weights, similarity) == _segments_by_hand(weights, similarity)
