@@ -7,6 +7,7 @@ import contextlib
 import io
 import os
 import platform
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,18 @@ def figure(value: float, unit: str, goal: float | None = None, better: str = "lo
     """One measured figure; ``ok`` says whether it meets ``goal`` (lower or higher is better)."""
     ok = None if goal is None else (value <= goal if better == "lower" else value >= goal)
     return {"value": float(value), "unit": unit, "goal": goal, "better": better, "ok": ok}
+
+
+def induction_run(run: str | None, scratch: Path, context: dict[str, Any]) -> Path:
+    """``run``, or the built-in induction run trained into ``scratch`` (its time in ``context``)."""
+    if run is not None:
+        return Path(run)
+    from circuits.recipes import train_recipe
+
+    t0 = time.perf_counter()
+    train_recipe("induction", scratch / "run", progress=False)
+    context["train_s"] = round(time.perf_counter() - t0, 1)
+    return scratch / "run"
 
 
 def machine() -> dict[str, Any]:

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from circuits.bench.common import figure
+from circuits.bench.common import figure, induction_run
 
 ACCOUNT_OFF = {"resamples": 1, "trust_steps": 0, "node_effects": "attribution"}
 
@@ -44,15 +44,7 @@ def bench_formation(device: str = "cpu", run: str | None = None, steps: str = "a
     timings: dict[str, list[dict[str, float]]] = {"A": [], "B": []}
     with tempfile.TemporaryDirectory(prefix="circuits-bench-formation-") as tmp:
         root = Path(tmp)
-        if run is None:
-            from circuits.recipes import train_recipe
-
-            t0 = time.perf_counter()
-            train_recipe("induction", root / "run", progress=False)
-            context["train_s"] = round(time.perf_counter() - t0, 1)
-            run_dir = root / "run"
-        else:
-            run_dir = Path(run)
+        run_dir = induction_run(run, root, context)
         _timed_sweep(run_dir, root / "warm", "0", device, ACCOUNT_OFF)  # imports and first loads out of the timing
         for r in range(rounds):
             for kind in ("AB" if r % 2 == 0 else "BA"):

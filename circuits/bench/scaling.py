@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from circuits.bench.common import figure
+from circuits.bench.common import figure, induction_run
 from circuits.errors import CircuitsError
 
 CHILD = "from circuits.bench.scaling import child_main; child_main()"  # the child's whole program
@@ -123,15 +123,7 @@ def bench_scaling(device: str = "cpu", run: str | None = None, short: int = 10, 
     context: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="circuits-bench-scaling-") as tmp:
         root = Path(tmp)
-        if run is None:
-            from circuits.recipes import train_recipe
-
-            t0 = time.perf_counter()
-            train_recipe("induction", root / "run", progress=False)
-            context["train_s"] = round(time.perf_counter() - t0, 1)
-            run_dir = root / "run"
-        else:
-            run_dir = Path(run)
+        run_dir = induction_run(run, root, context)
         local = {n: _local_sweep_in_child(run_dir, root / f"local{n}", f"first:{n}", n_examples, device)
                  for n in (short, long)}
 
