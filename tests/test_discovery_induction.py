@@ -95,7 +95,8 @@ def test_circuit_analysis_has_the_same_shapes_at_every_step(final_and_first):
         ctx = VisitContext(model=model, task=task, manifest=manifest, step=step, options={"method": "eap", "target": 0.8})
         out.append(circuit_analysis(ctx))
     keys = {"scores", "in_circuit", "faithfulness", "n_edges", "metric_clean", "metric_corrupted", "n_edges_total",
-            "score_se", "inclusion", "resample_jaccard", "stable", "stable_faithfulness", "trust"}
+            "score_se", "inclusion", "resample_jaccard", "stable", "stable_faithfulness", "trust", "node_effects",
+            "node_effects_se", "node_effects_exact"}
     for result in out:
         assert set(result) == keys
         assert result["scores"].dtype == np.float32 and result["in_circuit"].dtype == bool
