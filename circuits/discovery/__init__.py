@@ -258,7 +258,8 @@ def discover(
     if resamples and per_example is not None:
         reselect = _same_rule(spec, selection, grow, size, threshold, absolute)
         uncertainty = resample_circuits(per_example, mask, reselect, resamples, stable_share, seed)
-        uncertainty.stable_faithfulness = float(evaluator.faithfulness(uncertainty.stable))
+        same = bool((uncertainty.stable == mask).all())  # often: then it was measured already
+        uncertainty.stable_faithfulness = float(faith) if same else float(evaluator.faithfulness(uncertainty.stable))
     nodes, nodes_exact = None, False
     if node_effects is not None:
         nodes_exact = node_effects == "exact" or (node_effects == "auto" and spec.n_forward <= NODE_EXACT_MAX)
