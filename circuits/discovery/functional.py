@@ -356,34 +356,28 @@ class FunctionalModel:
             return x
 
         port_inputs: list[Tensor] = []
-        def ablated_ports(first: int, count: int) -> Tensor:
-            """bool [k, count]: which of these ports each copy ablates."""
-            if ablate is None:
-                raise CircuitsError("ablated_ports needs an ablation mask")
-            return ablate[:, : len(writers), first : first + count].any(1)
 
-        def ablated_here(first: int, count: int) -> bool:
-            return ablate is not None and bool(ablate[:, : len(writers), first : first + count].any())
+        def ablated_ports(first: int, count: int) -> Tensor | None:
+            """bool [k, count]: which of these ports each copy ablates (None: no ablation)."""
+            return None if ablate is None else ablate[:, : len(writers), first : first + count].any(1)
 
         for layer in range(self.n_layers):
-            # A layer none of whose ports is ablated reads one residual per copy, as unablated:
-            # normalise it once rather than once per port (exact patching of edges into later
-            # layers, grouped by reader, skips the per-port residuals here).
-            if not ablated_here(reader, 3 * H) and not (grad_ports and ablate is not None):
-                # Every port of the layer reads the same residual: normalise once. Gradients per
-                # port come from d/dq, d/dk, d/dv through the norm's vjp (see port_grads).
+            ported = ablated_ports(reader, 3 * H)
+            if ported is None or not (grad_ports or bool(ported.any())):
+                # Every port of the layer reads the same residual (also in an ablated run whose
+                # ablations are all in later layers): normalise once. Gradients per port come
+                # from d/dq, d/dk, d/dv through the norm's vjp (see port_grads).
                 normed = self.ln1[layer](resid)
                 qkv = einops.einsum(normed, self.W_QKV[layer], "b p d, h d e -> b p h e") + self.b_QKV[layer]
-                if grad_ports and ablate is None:
+                if grad_ports:
                     ports.append(qkv)
                     port_inputs.append(resid.detach())
-            elif grad_ports or ablate is None or bool(ablated_ports(reader, 3 * H).all()):
+            elif grad_ports or bool(ported.all()):
                 # each q, k, v port reads its own (partly ablated) residual
                 normed = self.ln1[layer](port_input(resid, reader, 3 * H))
                 qkv = einops.einsum(normed, self.W_QKV[layer], "b p h d, h d e -> b p h e") + self.b_QKV[layer]
             else:  # a few ports per copy are ablated (exact patching): the others share one residual
-                qkv = self._sparse_port_qkv(layer, resid, ablated_ports(reader, 3 * H), ablation_term(reader, 3 * H),
-                                            n_copies)
+                qkv = self._sparse_port_qkv(layer, resid, ported, ablation_term(reader, 3 * H), n_copies)
             q, k, v = self._qk_normed(layer, qkv)
             if cos_sin is not None:
                 q, k = self._rotate(q, *cos_sin), self._rotate(k, *cos_sin)
