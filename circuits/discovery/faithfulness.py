@@ -83,7 +83,6 @@ class Evaluator:
         faith = np.full(len(metrics), np.nan) if self.gap_nil else (metrics - self.baseline) / self.gap
         return faith[0] if single else faith
 
-
     def node_effects(self, chunk: int | None = None) -> Float[np.ndarray, "n_examples n_forward"]:
         """Each example's metric change when one writer's output is ablated for every reader at
         once (``input``: the whole embedding), by this evaluator's ablation; ``n_forward`` copies

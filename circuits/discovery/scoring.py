@@ -102,16 +102,12 @@ def score_eap_ig(fm: FunctionalModel, task: Task, steps: int = 5, ig_chunk: int 
         embeds = embeds.reshape(-1, *clean_in.shape[1:])
         run = fm.run(tokens.repeat(len(ks), 1), input_embeds=embeds, grad_ports=True, logit_positions=positions,
                      keep_writers=False)
-        value = _metric(run.logits, _repeat(local, len(ks)), clean_at.repeat(len(ks), 1, 1)).sum()
+        value = _metric(run.logits, local.repeat(len(ks)), clean_at.repeat(len(ks), 1, 1)).sum()
         grads = fm.port_grads(run, value).view(fm.spec.n_backward, len(ks), n, *clean_in.shape[1:]).sum(1)
         grad_sum = grads if grad_sum is None else grad_sum + grads
     if grad_sum is None:  # unreachable: check_ig_steps made steps >= 1, so the loop ran
         raise CircuitsError(f"eap-ig ran no interpolation step (steps={steps})")
     return _per_example_scores(corrupt_run.writers - clean_run.writers, grad_sum / steps, fm)
-
-
-def _repeat(task: Task, k: int) -> Task:
-    return task.repeat(k)  # answer sets may be 3-D: the task knows how to repeat itself
 
 
 def _default_chunk(fm: FunctionalModel, task: Task, copies: int, budget: float | None = None) -> int:
@@ -171,18 +167,19 @@ class Ablator:
     @torch.no_grad()
     def per_example(self, masks: torch.Tensor) -> torch.Tensor:
         """[k, n_forward, n_backward] masks (1 = ablated) -> [k, n_examples] metrics."""
-        k = masks.shape[0]
         run = self.fm.run(self.tokens, ablate=masks, reference=self.reference, logit_positions=self.positions)
-        values = _metric(run.logits, _repeat(self.answers, k), self.clean_at.repeat(k, 1, 1))
-        return values.view(k, self.task.n_examples)
+        return self._per_copy(run.logits, masks.shape[0])
 
     @torch.no_grad()
     def per_example_replaced(self, rows: torch.Tensor) -> torch.Tensor:
         """[k, n_forward] writer masks (1 = that writer's output read from ``reference`` by every
         reader) -> [k, n_examples] metrics."""
-        k = rows.shape[0]
         run = self.fm.run(self.tokens, replace=rows, reference=self.reference, logit_positions=self.positions)
-        values = _metric(run.logits, _repeat(self.answers, k), self.clean_at.repeat(k, 1, 1))
+        return self._per_copy(run.logits, rows.shape[0])
+
+    def _per_copy(self, logits: torch.Tensor, k: int) -> torch.Tensor:
+        """[k * n_examples, answers, vocab] logits of k stacked copies -> [k, n_examples] metrics."""
+        values = _metric(logits, self.answers.repeat(k), self.clean_at.repeat(k, 1, 1))
         return values.view(k, self.task.n_examples)
 
     def metrics(self, masks: torch.Tensor) -> torch.Tensor:
