@@ -52,7 +52,7 @@ from typing import Any
 
 import torch
 
-from circuits.errors import CircuitsError
+from circuits.errors import CircuitsError, short_repr
 from circuits.tasks import (
     METRIC_NAMES,
     PAD,
@@ -228,7 +228,7 @@ class _Reader:
         elif isinstance(value, list) and value and all(isinstance(t, int) and not isinstance(t, bool) for t in value):
             ids = list(value)
         else:
-            raise where.error(field, f"expected a text or a non-empty list of token ids, got {_short(value)}")
+            raise where.error(field, f"expected a text or a non-empty list of token ids, got {short_repr(value, 50)}")
         if not ids:
             raise where.error(field, "the prompt has no tokens")
         bad = [t for t in ids if not 0 <= t < self.d_vocab]
@@ -249,7 +249,7 @@ class _Reader:
                                          "token (mind the leading space)")
             token = one
         else:
-            raise where.error(field, f"expected a token id or a one-token text, got {_short(value)}")
+            raise where.error(field, f"expected a token id or a one-token text, got {short_repr(value, 50)}")
         if not 0 <= token < self.d_vocab:
             raise where.error(field, f"token id {token} outside the model's vocabulary 0..{self.d_vocab - 1}")
         return token
@@ -280,7 +280,7 @@ class _Reader:
                                            "corrupted prompts must have the same length (aligned by position)")
         metric = row.get("metric")
         if metric is not None and not isinstance(metric, str):
-            raise where.error("metric", f"expected a metric name, got {_short(metric)}")
+            raise where.error("metric", f"expected a metric name, got {short_repr(metric, 50)}")
         if "label" in row:
             return self._greater_than(where, row["label"], clean, corrupted, row, metric)
         if "correct" not in row:
@@ -326,11 +326,6 @@ class _Reader:
 
 def _text(value: Any) -> str:
     return value if isinstance(value, str) else ""
-
-
-def _short(value: Any) -> str:
-    text = " ".join(repr(value).split())
-    return text if len(text) <= 50 else text[:47] + "..."
 
 
 # ---------------------------------------------------------------- the task

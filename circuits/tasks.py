@@ -310,7 +310,8 @@ def _gather(values: Float[Tensor, "batch n_ans vocab"], ids: Tensor) -> tuple[Te
     return values.gather(-1, sets.clamp(min=0)), real
 
 
-def _set_mean(values: Tensor, real: Tensor) -> Tensor:
+def _masked_mean(values: Tensor, real: Tensor) -> Tensor:
+    """Mean over the last dimension of the entries ``real`` marks (a set's tokens, an example's slots)."""
     if bool(real.all()):
         return values.mean(-1)
     return values.masked_fill(~real, 0.0).sum(-1) / real.sum(-1)
@@ -336,10 +337,10 @@ def _per_slot(at: Float[Tensor, "batch n_ans vocab"], task: Task,
               clean_at: Float[Tensor, "batch n_ans vocab"] | None) -> Float[Tensor, "batch n_ans"]:
     metric = task.metric
     if metric in ("logit_diff", "logit_diff_max"):
-        good = _set_mean(*_gather(at, task.correct))
+        good = _masked_mean(*_gather(at, task.correct))
         if task.wrong is None:
             return good - (at.mean(-1) if metric == "logit_diff" else _best_other(at, task.correct))
-        return good - (_set_mean if metric == "logit_diff" else _set_max)(*_gather(at, task.wrong))
+        return good - (_masked_mean if metric == "logit_diff" else _set_max)(*_gather(at, task.wrong))
     if metric == "logprob":
         values, real = _gather(at.log_softmax(-1), task.correct)
         return values.masked_fill(~real, float("-inf")).logsumexp(-1)
@@ -351,12 +352,6 @@ def _per_slot(at: Float[Tensor, "batch n_ans vocab"], task: Task,
         raise CircuitsError(f"task {task.name}: the kl metric needs the clean run's logits")
     ref = clean_at.log_softmax(-1)
     return -(ref.exp() * (ref - at.log_softmax(-1))).sum(-1)
-
-
-def _slot_mean(values: Float[Tensor, "batch n_ans"], real: Bool[Tensor, "batch n_ans"]) -> Float[Tensor, " batch"]:
-    if bool(real.all()):
-        return values.mean(-1)
-    return values.masked_fill(~real, 0.0).sum(-1) / real.sum(-1)
 
 
 def metric_per_example(
@@ -371,7 +366,7 @@ def metric_per_example(
     metric = task.metric if callable(task.metric) else METRICS.get(task.metric)
     if metric is not None:
         return _user_metric(metric, at, task, clean_at)
-    return _slot_mean(_per_slot(at, task, clean_at), answer_mask(task).to(at.device))
+    return _masked_mean(_per_slot(at, task, clean_at), answer_mask(task).to(at.device))
 
 
 def _user_metric(fn: MetricFn, at: Tensor, task: Task, clean_at: Tensor | None) -> Float[Tensor, " batch"]:
@@ -387,7 +382,7 @@ def loss_at_answers(at: Float[Tensor, "batch n_ans vocab"], task: Task) -> Float
     """Per example: minus the log-probability of the correct answer set, averaged over real slots."""
     values, real = _gather(at.log_softmax(-1), task.correct)
     logprob = values.masked_fill(~real, float("-inf")).logsumexp(-1)
-    return -_slot_mean(logprob, answer_mask(task).to(at.device))
+    return -_masked_mean(logprob, answer_mask(task).to(at.device))
 
 
 # ---------------------------------------------------------------- built-in tasks

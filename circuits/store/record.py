@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from circuits.errors import CircuitsError
+from circuits.errors import CircuitsError, short_repr
 from circuits.store.format import STUDY_FILE, STUDY_FORMAT, cause, format_error
 
 if TYPE_CHECKING:  # circuits.tasks imports torch: reading a record must not
@@ -55,15 +55,10 @@ def _check_record(data: dict[str, Any], path: Path) -> None:
         for part in field.split("."):
             value = value.get(part) if isinstance(value, dict) else None
         if not isinstance(value, kind) or isinstance(value, bool) or (positive and value < 1):
-            raise CircuitsError(f"{path}: damaged study description, field {field!r} is {_short_repr(value)}, "
+            raise CircuitsError(f"{path}: damaged study description, field {field!r} is {short_repr(value)}, "
                                 f"expected {'a positive ' if positive else 'a '}{kind.__name__}")
     if not all(isinstance(h, str) for h in data["hooks"]):
         raise CircuitsError(f"{path}: damaged study description, field 'hooks' must list hook names")
-
-
-def _short_repr(value: Any) -> str:
-    text = " ".join(repr(value).split())
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def write_study_json(study: Path, data: dict[str, Any]) -> None:
