@@ -29,7 +29,7 @@ TRUST_STEPS = 5
 TRUST_MAX_EDGES = 2000
 # Each node's contribution (circuits.discovery.discover): "exact" ablates each writer in turn
 # (n_forward ablated copies of the batch), "attribution" sums the node's edge scores (no forward),
-# "auto" is exact up to NODE_EXACT_MAX writers (a 2-layer 4-head model has 11; Pythia-70m 55,
+# "auto" is exact up to NODE_EXACT_MAX writers (the attention-only induction run has 9; Pythia-70m 55,
 # Pythia-160m 157, where 157 ablated forwards would cost more than the whole EAP-IG search).
 NODE_EFFECTS = ("auto", "exact", "attribution")
 NODE_EXACT_MAX = 64

@@ -336,18 +336,6 @@ def write_graphml(graph, path: str | Path) -> Path:
     return path
 
 
-def spec_for_scores(n_layers: int, n_heads: int, shape: tuple[int, int], parallel_attn_mlp: bool = False) -> GraphSpec:
-    """The spec a ``[n_forward, n_backward]`` matrix of a model of this shape belongs to (MLPs read
-    off its shape). For a study, use :func:`spec_for_study`: it reads the spec the sweep stored."""
-    for has_mlp in (True, False):
-        spec = GraphSpec(n_layers, n_heads, has_mlp, parallel_attn_mlp and has_mlp)
-        if spec.shape == tuple(shape):
-            return spec
-    raise CircuitsError(
-        f"stored circuit scores have shape {tuple(shape)}, which fits no graph of {n_layers} layers x {n_heads} heads"
-    )
-
-
 def spec_for_study(study, shape: tuple[int, ...] | None = None) -> GraphSpec:
     """The graph spec stored with the study (``study.graph_spec``: the sweep wrote it from the
     model it analysed, never guessed); with ``shape``, checked against a stored matrix's."""

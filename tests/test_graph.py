@@ -15,7 +15,6 @@ from circuits.graph import (
     parse_edge,
     parse_node,
     read_node_link,
-    spec_for_scores,
     spec_for_study,
     to_digraph,
     to_node_link,
@@ -105,8 +104,6 @@ def test_circuit_digraph_reads_a_study():
     graph = circuit_digraph(FakeStudy(), 10)
     assert graph.graph["step"] == 10 and not graph.has_edge("a0.h0", "m0")
     assert sum(d["in_circuit"] for *_, d in graph.edges(data=True)) > 0
-    with pytest.raises(CircuitsError, match="fits no graph"):
-        spec_for_scores(3, 2, spec.shape)
 
 
 def test_a_study_whose_matrices_do_not_fit_its_stored_graph_is_refused():
