@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import os
 import threading
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,18 +111,10 @@ def _read_owned(s, key: str, dtype) -> np.ndarray | None:
 
 
 def _explained(s) -> Explanandum | None:
-    """The library's rule (``circuits.tracking.explanandum``, default thresholds) on the stored numbers,
-    read as ``track`` reads them: None when the study lacks the clean and corrupted metrics."""
-    from circuits.tracking import explanandum
+    """The library's rule on the stored numbers (default thresholds), as ``track`` applies it."""
+    from circuits.tracking import explained_of
 
-    if not (s.has("outputs/metric_clean") and s.has("outputs/metric_corrupted")):
-        return None
-    repro = None
-    if s.has("circuit/resample_jaccard"):
-        with warnings.catch_warnings():  # a step without resamples is all NaN: its mean is NaN
-            warnings.simplefilter("ignore", RuntimeWarning)
-            repro = np.nanmean(np.asarray(s.array("circuit/resample_jaccard"), dtype=float), axis=1)
-    return explanandum(s.metric(per_example=True), s.metric_corrupted(per_example=True), repro)
+    return explained_of(s)
 
 
 @st.cache_resource(max_entries=8, show_spinner=False)
@@ -237,12 +228,11 @@ def tracking(path: str, stamp_: float):
 def roles(path: str, stamp_: float) -> list:
     """The heads the library finds taking a detector's role (``Tracking.roles()``: a material rise),
     from the detector scores alone: what the Circuit page needs without tracking the whole study."""
-    from circuits.tracking import Tracking
+    from circuits.tracking import material_roles
 
     s = _open(path, stamp_)
     heads = {k.removeprefix("heads/"): np.asarray(s.array(k), dtype=float) for k in head_keys(s)}
-    return Tracking(run="", steps=np.asarray(s.steps), curves={}, heads=heads, circuit=None, phases=[],
-                    stability={}).roles()
+    return material_roles(heads, np.asarray(s.steps))
 
 
 def head_keys(s) -> list[str]:

@@ -24,13 +24,6 @@ def _num(x: float, spec: str) -> str:
 # ---------------------------------------------------------------- something to explain
 
 
-def gap_text(e: Explanandum, i: int) -> str:
-    """'gap 0.123 +- 0.05 (z 2.1, 5.0% of the largest gap), reproducibility 0.30' (as the summary says it)."""
-    repro = "" if not np.isfinite(e.reproducibility[i]) else f", reproducibility {e.reproducibility[i]:.2f}"
-    return (f"gap {e.gap[i]:.3g} +- {e.gap_se[i]:.2g} (z {_num(float(e.z[i]), '.1f')}, "
-            f"{e.share[i]:.1%} of the largest gap){repro}")
-
-
 def rule_text(e: Explanandum) -> str:
     """The rule a step's circuit must meet: '|z| >= 3, reproducibility >= 0.6'."""
     parts = [f"|z| >= {e.gap_z:g}"]
@@ -59,9 +52,9 @@ def step_status(e: Explanandum | None, i: int) -> tuple[bool, str]:
     if e is None:
         return True, ""
     if bool(e.has_circuit[i]):
-        return True, f"a circuit to explain: {gap_text(e, i)}"
+        return True, f"a circuit to explain: {e.gap_text(i)}"
     yet = " yet" if not np.asarray(e.has_circuit[:i]).any() else ""
-    return False, f"no circuit{yet}: {gap_text(e, i)}; below the rule ({failed_text(e, i)})"
+    return False, f"no circuit{yet}: {e.gap_text(i)}; below the rule ({failed_text(e, i)})"
 
 
 def step_rows(steps: list[int], e: Explanandum, epochs: list[Epoch]) -> list[dict[str, Any]]:

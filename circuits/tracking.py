@@ -19,6 +19,7 @@ n_backward]`` edge mask at one step):
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -270,6 +271,13 @@ class Explanandum:
     reproducible: float = REPRODUCIBLE
     gap_floor: float = 0.0
 
+    def gap_text(self, i: int) -> str:
+        """Step ``i``'s effect as the summary states it: 'gap 0.123 +- 0.05 (z 2.1, 5.0% of the
+        largest gap), reproducibility 0.30'."""
+        repro = "" if not np.isfinite(self.reproducibility[i]) else f", reproducibility {self.reproducibility[i]:.2f}"
+        return (f"gap {self.gap[i]:.3g} +- {self.gap_se[i]:.2g} (z {self.z[i]:.1f}, {self.share[i]:.1%} of the "
+                f"largest gap){repro}")
+
     def to_dict(self) -> dict[str, Any]:
         return {"rule": {"gap_z": self.gap_z, "reproducible": self.reproducible, "gap_floor": self.gap_floor},
                 "gap": _list(self.gap), "gap_se": _list(self.gap_se), "z": _list(self.z), "share": _list(self.share),
@@ -362,6 +370,24 @@ class Role:
         return asdict(self)
 
 
+def material_roles(heads: dict[str, np.ndarray], steps: np.ndarray) -> list[Role]:
+    """Heads that take on a detector's role: their score (``heads[kind]`` [n_steps, L, H]) rises at
+    least ROLE_FLOOR above step 0 and at least half as far as the kind's strongest head (a flat
+    detector has none); by when they formed."""
+    steps = np.asarray(steps)
+    out = []
+    for kind, scores in heads.items():
+        rise = scores[-1] - scores[0]
+        top = float(np.nanmax(rise)) if rise.size else 0.0
+        for layer, head in zip(*np.nonzero(rise >= max(ROLE_FLOOR, 0.5 * top)), strict=True):
+            curve = scores[:, layer, head]
+            formed = _formed_at(curve, steps)
+            name = head_name(int(layer), int(head))
+            out.append(Role(kind, name, float(curve[0]), float(curve[-1]), formed,
+                            None if formed is None else _step_before(steps, formed)))
+    return sorted(out, key=lambda r: (r.formed if r.formed is not None else 1 << 62, r.kind, r.head))
+
+
 def _formed_at(curve: np.ndarray, steps: np.ndarray) -> int | None:
     halfway = curve[0] + 0.5 * (curve[-1] - curve[0])
     past = np.nan_to_num((curve - halfway) * np.sign(curve[-1] - curve[0]), nan=-1.0) >= 0
@@ -389,19 +415,8 @@ class Tracking:
     edge_shares: dict[str, np.ndarray] = field(default_factory=dict)
 
     def roles(self) -> list[Role]:
-        """Heads that take on a detector's role: their score rises at least ROLE_FLOOR above step 0
-        and at least half as far as the kind's strongest head (a flat detector has none)."""
-        out = []
-        for kind, scores in self.heads.items():
-            rise = scores[-1] - scores[0]
-            top = float(np.nanmax(rise)) if rise.size else 0.0
-            for layer, head in zip(*np.nonzero(rise >= max(ROLE_FLOOR, 0.5 * top)), strict=True):
-                curve = scores[:, layer, head]
-                formed = _formed_at(curve, self.steps)
-                name = head_name(int(layer), int(head))
-                out.append(Role(kind, name, float(curve[0]), float(curve[-1]), formed,
-                                None if formed is None else _step_before(self.steps, formed)))
-        return sorted(out, key=lambda r: (r.formed if r.formed is not None else 1 << 62, r.kind, r.head))
+        """The heads taking on a detector's role (:func:`material_roles`)."""
+        return material_roles(self.heads, self.steps)
 
     def top_head(self, kind: str) -> tuple[int, int]:
         """(layer, head) with the highest final score for a detector kind."""
@@ -836,6 +851,21 @@ def leading_indicators(target: str, phases: list[ChangePoint], curves: dict[str,
 BOUNDED_FLOOR = 0.5  # scores and accuracies live in [0, 1]: a change is measured against at least half of it
 
 
+def explained_of(study, gap_z: float = GAP_Z, reproducible: float = REPRODUCIBLE,
+                 gap_floor: float = 0.0) -> Explanandum | None:
+    """The rule of :class:`Explanandum` on a study's stored metrics and resample Jaccards; None
+    when the study lacks the clean and corrupted metrics."""
+    if not (_has(study, "outputs/metric_clean") and _has(study, "outputs/metric_corrupted")):
+        return None
+    repro = None
+    if _has(study, "circuit/resample_jaccard"):
+        with warnings.catch_warnings():  # a step without resamples is all NaN: its mean is NaN
+            warnings.simplefilter("ignore", RuntimeWarning)
+            repro = np.nanmean(np.asarray(study.array("circuit/resample_jaccard"), dtype=float), axis=1)
+    return explanandum(study.metric(per_example=True), study.metric_corrupted(per_example=True), repro,
+                       gap_z, reproducible, gap_floor)
+
+
 def track(study, min_share: float = 0.2, gap_z: float = GAP_Z, reproducible: float = REPRODUCIBLE,
           gap_floor: float = 0.0) -> Tracking:
     """Cross-checkpoint tracking of a study: curves, head scores, circuit measures, phases.
@@ -867,13 +897,7 @@ def track(study, min_share: float = 0.2, gap_z: float = GAP_Z, reproducible: flo
             curves[key] = arr
     heads = {key.split("/", 1)[1]: np.asarray(study.array(key), dtype=float) for key in _keys(study, "heads")}
 
-    explained = None
-    if _has(study, "outputs/metric_clean") and _has(study, "outputs/metric_corrupted"):
-        repro = None
-        if _has(study, "circuit/resample_jaccard"):
-            repro = np.nanmean(np.asarray(study.array("circuit/resample_jaccard"), dtype=float), axis=1)
-        explained = explanandum(study.metric(per_example=True), study.metric_corrupted(per_example=True), repro,
-                                gap_z, reproducible, gap_floor)
+    explained = explained_of(study, gap_z, reproducible, gap_floor)
 
     circuit = None
     epochs: list[Epoch] = []
@@ -1010,11 +1034,6 @@ def _explained_lines(tracking: Tracking) -> list[str]:
         return []
     steps = tracking.steps
 
-    def at(i: int) -> str:
-        repro = "" if not np.isfinite(e.reproducibility[i]) else f", reproducibility {e.reproducibility[i]:.2f}"
-        return (f"gap {e.gap[i]:.3g} +- {e.gap_se[i]:.2g} (z {e.z[i]:.1f}, {e.share[i]:.1%} of the largest gap)"
-                f"{repro}")
-
     # Without a circuit search (--method none) there is an effect to explain, but no circuit to speak of.
     what = "circuit" if tracking.circuit is not None else "effect"
     lines = ["", f"something to explain (a{'' if what == 'circuit' else 'n'} {what} where |z| >= {e.gap_z:g}"
@@ -1026,12 +1045,12 @@ def _explained_lines(tracking: Tracking) -> list[str]:
         b = stop - 1
         strongest = a + int(np.nanargmax(np.abs(e.z[a : b + 1])))
         span = f"step {int(steps[a])}" if a == b else f"steps {int(steps[a])}-{int(steps[b])}"
-        lines.append(f"  no {what} yet at {span}; strongest at step {int(steps[strongest])}: {at(strongest)}")
+        lines.append(f"  no {what} yet at {span}; strongest at step {int(steps[strongest])}: {e.gap_text(strongest)}")
     with_circuit = np.nonzero(e.has_circuit)[0]
     if len(with_circuit):
         first, last = int(with_circuit[0]), len(steps) - 1
-        lines.append(f"  first {what} at step {int(steps[first])}: {at(first)}")
-        lines.append(f"  last step {int(steps[last])}: {at(last)}")
+        lines.append(f"  first {what} at step {int(steps[first])}: {e.gap_text(first)}")
+        lines.append(f"  last step {int(steps[last])}: {e.gap_text(last)}")
     return lines
 
 
