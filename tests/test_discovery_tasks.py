@@ -4,6 +4,7 @@ import re
 
 import pytest
 import torch
+from tiny_tokenizers import word_level_tokenizer
 
 from circuits.errors import CircuitsError
 from circuits.tasks import (
@@ -17,17 +18,8 @@ from circuits.tasks import (
 
 
 def _word_level_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = {"[UNK]", "<|endoftext|>", "17", *IOI_NAMES, *GREATER_THAN_NOUNS, *(f"{yy:02d}" for yy in range(100))}
-    for text in (*IOI_TEMPLATES, GREATER_THAN_TEMPLATE):
-        words.update(re.findall(r"\w+|[^\w\s]+", re.sub(r"\{\w+\}", " ", text)))
-    vocab = {word: i for i, word in enumerate(sorted(words))}
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", eos_token="<|endoftext|>",
-                                   bos_token="<|endoftext|>")
+    texts = [re.sub(r"\{\w+\}", " ", text) for text in (*IOI_TEMPLATES, GREATER_THAN_TEMPLATE)]
+    return word_level_tokenizer(["17", *IOI_NAMES, *GREATER_THAN_NOUNS, *(f"{yy:02d}" for yy in range(100))], texts)
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from tiny_tokenizers import word_level_tokenizer
 
 from circuits.discovery.scoring import score_edges, score_edges_per_example
 from circuits.errors import CircuitsError
@@ -31,17 +32,7 @@ SENTENCES = (
 
 
 def _tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = {"[UNK]", "<|endoftext|>", *NAMES, *(f"{yy:02d}" for yy in range(100))}
-    for text in SENTENCES:
-        words.update(re.findall(r"\w+|[^\w\s]+", text))
-    vocab = {word: i for i, word in enumerate(sorted(words))}
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", eos_token="<|endoftext|>",
-                                   bos_token="<|endoftext|>")
+    return word_level_tokenizer([*NAMES, *(f"{yy:02d}" for yy in range(100))], SENTENCES)
 
 
 @pytest.fixture(scope="module")
