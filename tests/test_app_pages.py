@@ -227,16 +227,21 @@ def test_new_steps_appear_without_restart(empty_study, app_study, tmp_path):
     assert [int(o) for o in at.select_slider(key="circuit.step").options] == [0, 400]
 
 
-@pytest.fixture(scope="module")
-def study_without_circuits(app_study, tmp_path_factory) -> Path:
+def _copy_without(study: Path, out: Path, keys: tuple[str, ...]) -> Path:
+    """A copy of ``study`` whose shards lack the datasets (or groups) ``keys``."""
     import h5py
 
-    out = tmp_path_factory.mktemp("no-circuits") / "study"
-    shutil.copytree(app_study, out)
+    shutil.copytree(study, out)
     for shard in (out / "shards").glob("*.h5"):
         with h5py.File(shard, "a") as f:
-            del f["circuit"]
+            for key in keys:
+                del f[key]
     return out
+
+
+@pytest.fixture(scope="module")
+def study_without_circuits(app_study, tmp_path_factory) -> Path:
+    return _copy_without(app_study, tmp_path_factory.mktemp("no-circuits") / "study", ("circuit",))
 
 
 @pytest.mark.parametrize("page", PAGES)
@@ -477,15 +482,9 @@ def test_older_study_gets_the_librarys_line(older_study, page):
 @pytest.fixture(scope="module")
 def study_without_bootstrap(app_study, tmp_path_factory) -> Path:
     """Circuits without the bootstrap arrays (an analysis of its own, say): the full-data circuit stands in."""
-    import h5py
-
-    out = tmp_path_factory.mktemp("no-bootstrap") / "study"
-    shutil.copytree(app_study, out)
-    for shard in (out / "shards").glob("*.h5"):
-        with h5py.File(shard, "a") as f:
-            for key in ("stable", "stable_faithfulness", "inclusion", "score_se", "resample_jaccard", "trust"):
-                del f[f"circuit/{key}"]
-    return out
+    keys = tuple(f"circuit/{k}" for k in ("stable", "stable_faithfulness", "inclusion", "score_se", "resample_jaccard",
+                                          "trust"))
+    return _copy_without(app_study, tmp_path_factory.mktemp("no-bootstrap") / "study", keys)
 
 
 @pytest.mark.parametrize("page", PAGES)
