@@ -646,26 +646,30 @@ def _weighted_jaccard_rows(rows: np.ndarray, ref: np.ndarray) -> np.ndarray:
 def segment_similar(weights: np.ndarray, similarity: float = EPOCH_SIMILARITY) -> list[tuple[int, int]]:
     """The fewest contiguous segments ``[a, b)`` of the rows of ``weights`` [n, d] (non-negative) such
     that every row has a weighted Jaccard >= ``similarity`` against its segment's mean row; among
-    equally few, the one with the highest total similarity (dynamic programming, exact)."""
+    equally few, the one with the highest total similarity (dynamic programming, exact).
+
+    For each end ``j`` the starts are tried by how few segments reach them, fewest first: once
+    some start of that count gives a similar segment, starts needing more segments cannot win,
+    so most ends check one or two starts instead of all ``j``."""
     weights = np.asarray(weights, dtype=float)
     n = len(weights)
     prefix = np.concatenate([np.zeros((1, weights.shape[1])), np.cumsum(weights, 0)])
-    count = np.full(n + 1, n + 1, dtype=np.int64)
+    count = np.full(n + 1, n + 1, dtype=np.int64)  # n + 1: not reachable
     total = np.zeros(n + 1)
     start = np.full(n + 1, -1, dtype=np.int64)
     count[0] = 0
     for j in range(1, n + 1):
-        low, high = _segment_similarities(weights, prefix, j)  # of each segment [i, j), i = 0..j-1
-        feasible = low >= similarity
-        if not feasible.any():
-            continue
-        i = np.nonzero(feasible)[0]
-        counts, totals = count[i] + 1, total[i] + high[i]
-        fewest = counts == counts.min()
-        best_total = totals[fewest].max()
-        # among the fewest, the highest total; a tie (to rounding) goes to the latest start
-        chosen = int(i[fewest & (totals >= best_total - 1e-9)].max())
-        count[j], total[j], start[j] = count[chosen] + 1, total[chosen] + high[chosen], chosen
+        for c in np.unique(count[:j][count[:j] <= n]):
+            starts = np.nonzero(count[:j] == c)[0]
+            low, high = _segment_similarities(weights, prefix, j, starts)
+            feasible = low >= similarity
+            if not feasible.any():
+                continue
+            totals = np.where(feasible, total[starts] + high, -np.inf)
+            # the highest total; a tie (to rounding) goes to the latest start
+            chosen = int(starts[totals >= totals.max() - 1e-9].max())
+            count[j], total[j], start[j] = c + 1, total[chosen] + high[starts == chosen][0], chosen
+            break
     out, j = [], n
     while j > 0:
         out.append((int(start[j]), j))
@@ -676,20 +680,24 @@ def segment_similar(weights: np.ndarray, similarity: float = EPOCH_SIMILARITY) -
 SEGMENT_BLOCK = 2e7  # floats held at once while comparing every segment's rows with its mean
 
 
-def _segment_similarities(weights: np.ndarray, prefix: np.ndarray, j: int) -> tuple[np.ndarray, np.ndarray]:
-    """For every segment ``[i, j)``: the lowest and the summed weighted Jaccard of its rows
-    against its mean row (means from the prefix sums; segments in blocks that fit SEGMENT_BLOCK)."""
-    rows = weights[:j]
-    low, high = np.empty(j), np.empty(j)
-    block = max(1, int(SEGMENT_BLOCK // max(j * rows.shape[1], 1)))
-    for a in range(0, j, block):
-        i = np.arange(a, min(a + block, j))
-        means = (prefix[j] - prefix[i]) / (j - i)[:, None]  # [segment, d]
+def _segment_similarities(weights: np.ndarray, prefix: np.ndarray, j: int,
+                          starts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For each segment ``[i, j)``, ``i`` in ``starts``: the lowest and the summed weighted Jaccard
+    of its rows against its mean row (means from the prefix sums; in blocks of SEGMENT_BLOCK)."""
+    first = int(starts.min())
+    rows = weights[first:j]  # only rows some segment holds, and columns some row has (the rest add 0)
+    used = rows.any(0)
+    rows, end = rows[:, used], prefix[j, used]
+    low, high = np.empty(len(starts)), np.empty(len(starts))
+    block = max(1, int(SEGMENT_BLOCK // max(len(rows) * rows.shape[1], 1)))
+    for a in range(0, len(starts), block):
+        i = starts[a : a + block]
+        means = (end - prefix[i][:, used]) / (j - i)[:, None]  # [segment, d]
         top = np.maximum(rows[None], means[:, None]).sum(2)  # [segment, row]
         sim = np.where(top > 0, np.minimum(rows[None], means[:, None]).sum(2) / np.where(top > 0, top, 1.0), 1.0)
-        inside = np.arange(j)[None, :] >= i[:, None]
-        low[i] = np.where(inside, sim, np.inf).min(1)
-        high[i] = np.where(inside, sim, 0.0).sum(1)
+        inside = np.arange(first, j)[None, :] >= i[:, None]
+        low[a : a + block] = np.where(inside, sim, np.inf).min(1)
+        high[a : a + block] = np.where(inside, sim, 0.0).sum(1)
     return low, high
 
 
