@@ -100,6 +100,8 @@ def sweep(
     trust_steps: Annotated[int, typer.Option(help="Check the method's edge scores against exact patching at this many steps (spread, the last included; 0: off)")] = 5,
     trust_max_edges: Annotated[int, typer.Option(help="... only where the graph has at most this many edges (exact patching costs ~1 forward per edge)")] = 2000,
     node_effects: Annotated[str, typer.Option(help="Each node's contribution: exact (one ablated forward per writer), attribution (sum of its edge scores) or auto (exact up to 64 writers)")] = "auto",
+    max_memory: Annotated[str | None, typer.Option(help="Working memory of circuit discovery per step, e.g. 2GB or 800MB; computations are chunked to fit, with the same results [default: min(2 GiB, half the available memory)]")] = None,
+    keep_logits: Annotated[bool, typer.Option("--keep-logits", help="Store full-vocabulary logits at the answer positions (the kl metric and user metrics read them); default: the answer and wrong tokens' logits, log-sum-exp and mean logit only")] = False,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar")] = False,
     executor: Annotated[str, typer.Option(help="Where steps run: local (this process) or ray (one task per step; docs/scaling.md)")] = "local",
     workers: Annotated[int | None, typer.Option(help="ray: steps in flight at once (default: the cluster's CPUs, or GPUs with --device cuda)")] = None,
@@ -112,7 +114,8 @@ def sweep(
     config = SweepConfig(steps=steps, hooks=hooks, dtype=dtype, batch_size=batch_size, device=device,
                          n_examples=n_examples, method=method, ig_steps=ig_steps, target=target,
                          resamples=resamples, stable_share=stable_share, trust_steps=trust_steps,
-                         trust_max_edges=trust_max_edges, node_effects=node_effects, progress=not no_progress, executor=executor, workers=workers, ray_address=ray_address)
+                         trust_max_edges=trust_max_edges, node_effects=node_effects, max_memory=max_memory,
+                         keep_logits=keep_logits, progress=not no_progress, executor=executor, workers=workers, ray_address=ray_address)
     study = run_sweep(manifest, task, out, config)
     typer.echo(f"study {out}: {len(study.steps)} steps, {study.n_examples} prompts of {study.seq_len} tokens")
 

@@ -33,6 +33,11 @@ TRUST_MAX_EDGES = 2000
 # Pythia-160m 157, where 157 ablated forwards would cost more than the whole EAP-IG search).
 NODE_EFFECTS = ("auto", "exact", "attribution")
 NODE_EXACT_MAX = 64
+# The working set of discovery (circuits.discovery.budget): at most this, and at most half the
+# memory available when a step starts (on CUDA: the device's free memory).
+MAX_MEMORY_DEFAULT = 2 * 2**30
+_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,
+          "g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12, "tib": 2**40}
 
 
 def _whole(value: Any, at_least: int) -> bool:
@@ -81,6 +86,19 @@ def check_node_effects(mode: Any) -> None:
         raise CircuitsError(f"--node-effects {mode!r}: expected one of {', '.join(NODE_EFFECTS)}")
 
 
+def parse_memory(value: Any) -> int:
+    """``--max-memory``: bytes from ``2GB``, ``1.5GiB``, ``512M``, ``800MB`` or a whole number of bytes."""
+    import re
+
+    if _whole(value, at_least=1):
+        return int(value)
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", value) if isinstance(value, str) else None
+    unit = match.group(2).lower() if match else ""
+    if match is None or unit not in _UNITS or float(match.group(1)) * _UNITS[unit] < 2**20:
+        raise CircuitsError(f"--max-memory {value!r}: expected a size of at least 1 MiB such as 2GB, 1.5GiB or 800MB")
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
 def check_method(method: Any, choices: Sequence[str] = METHODS) -> None:
     if method not in choices:
         raise CircuitsError(f"--method {method!r}: expected one of {', '.join(choices)}")
@@ -120,6 +138,8 @@ class SweepConfig:
     trust_steps: int = TRUST_STEPS
     trust_max_edges: int = TRUST_MAX_EDGES
     node_effects: str = "auto"
+    max_memory: str | int | None = None
+    keep_logits: bool = False
     options: Mapping[str, Any] = field(default_factory=dict)
     progress: bool = True
     executor: str = "local"
@@ -147,6 +167,8 @@ class SweepConfig:
         check_stable_share(self.stable_share)
         check_trust(self.trust_steps, self.trust_max_edges)
         check_node_effects(self.node_effects)
+        if self.max_memory is not None:
+            parse_memory(self.max_memory)
         check_device(self.device)
         self._check_executor()
 
@@ -167,7 +189,7 @@ class SweepConfig:
         return {"method": self.method, "ig_steps": self.ig_steps, "target": self.target,
                 "resamples": self.resamples, "stable_share": self.stable_share, "seed": self.seed,
                 "trust_steps": self.trust_steps, "trust_max_edges": self.trust_max_edges,
-                "node_effects": self.node_effects, **self.options}
+                "node_effects": self.node_effects, "max_memory": self.max_memory, **self.options}
 
     def with_settings(self, **settings: Any) -> SweepConfig:
         """This config with some settings replaced; an unknown name is refused by name."""

@@ -29,6 +29,7 @@ from circuits import store
 from circuits.config import SweepConfig
 from circuits.errors import CircuitsError, RetryableError, first_line
 from circuits.faults import fault
+from circuits.timing import phase
 from circuits.visit import StepSummary, VisitPlan, shard_provenance, visit_step
 
 # What Ray retries: failures that may pass on another attempt or machine (I/O, a lost
@@ -92,13 +93,15 @@ def run_step(spec: StepSpec, step: int, *, model=None, writer: store.BackgroundW
     try:
         plan = spec.plan
         if model is None:
-            model = load(plan.manifest, step, plan.device)
+            with phase("load"):
+                model = load(plan.manifest, step, plan.device)
         shard = store.ShardWriter(final, plan.task.n_examples, plan.batch_size, writer)
         try:
             result.summary = visit_step(model, plan, step, shard)
             shard.finish(shard_provenance(spec.record, plan, step), then=land)
             if own:
-                writer.wait()
+                with phase("write"):
+                    writer.wait()
         except BaseException:
             shard.abort()
             raise
@@ -128,7 +131,8 @@ class LocalExecutor:
                 results.append(run_step(spec, step, model=model if i == 0 else None, writer=writer,
                                         landed=landed))
                 model = None
-            writer.wait()
+            with phase("write"):
+                writer.wait()
         return results
 
     def close(self) -> None:

@@ -38,6 +38,7 @@ from circuits.tasks import (
     loss_at_answers,
     metric_per_example,
 )
+from circuits.timing import phase
 
 AnalysisResult = dict[str, "np.ndarray | float | int"]
 TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32}
@@ -156,8 +157,10 @@ def visit_step(model, plan: VisitPlan, step: int, shard: store.ShardWriter) -> S
         with torch.no_grad():
             logits_clean, cache, arrays = cache_batch(model, sub.clean.to(device), plan.hooks,
                                                       TORCH_DTYPES[plan.dtype], positions)
-            logits_corrupt = forward_at(model, sub.corrupted.to(device), positions)
-            answers = outputs(logits_clean, logits_corrupt, at_answers)
+            with phase("forward"):
+                logits_corrupt = forward_at(model, sub.corrupted.to(device), positions)
+            with phase("extract"):
+                answers = outputs(logits_clean, logits_corrupt, at_answers)
         arrays |= {f"outputs/{k}": v for k, v in answers.items()}
         shard.write_batch(start, arrays)
         for key in sums:
@@ -168,7 +171,8 @@ def visit_step(model, plan: VisitPlan, step: int, shard: store.ShardWriter) -> S
     ctx = VisitContext(model=model, task=task, manifest=plan.manifest, step=step, device=device,
                        cache=whole_cache, options=dict(plan.options))
     for name, analysis in plan.analyses:
-        shard.write_static(analysis_arrays(name, analysis(ctx)))
+        with phase(name):  # discovery marks its own phases (score, select, faithfulness) inside
+            shard.write_static(analysis_arrays(name, analysis(ctx)))
     return StepSummary(**{k: v / task.n_examples for k, v in sums.items()})
 
 
@@ -226,7 +230,16 @@ def cache_batch(model, tokens: Int[Tensor, "batch pos"], hooks: list[str], dtype
 
         return keep
 
-    logits = forward_at(model, tokens, positions, [(name, keeper(name)) for name in names])
+    with phase("forward"):
+        logits = forward_at(model, tokens, positions, [(name, keeper(name)) for name in names])
+    with phase("extract"):
+        arrays = _stored_arrays(cache, hooks, n_layers, tokens, dtype)
+    return logits, cache, arrays
+
+
+def _stored_arrays(cache: dict[str, Tensor], hooks: list[str], n_layers: int, tokens: Tensor,
+                   dtype: torch.dtype) -> dict[str, np.ndarray]:
+    """The patterns' lower triangles and the hooks' activations in ``dtype``, as numpy."""
     n = tokens.shape[-1]
     triangle = torch.tensor(store.lower_triangle(n), device=tokens.device)
     # Gather the triangle, then convert: the float16 copy moves a quarter of the float32 square.
@@ -234,7 +247,7 @@ def cache_batch(model, tokens: Int[Tensor, "batch pos"], hooks: list[str], dtype
                             for layer in range(n_layers)], dim=1)
     arrays = {store.PATTERNS: _numpy(patterns, dtype)}
     arrays |= {f"activations/{hook}": _numpy(cache[hook], dtype) for hook in hooks}
-    return logits, cache, arrays
+    return arrays
 
 
 def _numpy(tensor: Tensor, dtype: torch.dtype) -> np.ndarray:
