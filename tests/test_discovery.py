@@ -262,11 +262,13 @@ def test_patching_sums_and_eap_ig_steps(native_attn):
     assert (eap[~spec.valid] == 0).all() and (ig1[~spec.valid] == 0).all()
     # one IG step evaluates the gradient at the clean input: exactly EAP
     np.testing.assert_allclose(ig1, eap, rtol=1e-4, atol=1e-6)
-    # stacked IG steps give the same answer as one at a time
+    # stacked IG steps give the same answer as one step and one example at a time
+    from circuits.discovery.budget import Budget
     from circuits.discovery.scoring import score_eap_ig
 
-    fm = FunctionalModel(native_attn)
-    np.testing.assert_allclose(score_eap_ig(fm, task, 4, ig_chunk=1), score_eap_ig(fm, task, 4), rtol=1e-4, atol=1e-6)
+    fm, one_at_a_time = FunctionalModel(native_attn), FunctionalModel(native_attn)
+    one_at_a_time.budget = Budget(1)
+    np.testing.assert_allclose(score_eap_ig(one_at_a_time, task, 4), score_eap_ig(fm, task, 4), rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("method", ["eap", "eap-ig", "patching"])

@@ -223,7 +223,7 @@ def test_exact_patching_of_one_edge_equals_a_hook_intervention(family):
 def test_gqa_edge_into_every_query_head_of_a_group_is_tls_kv_head_port(tmp_path):
     """k ports are per query head; ablating an edge into both query heads of kv group 1 (heads
     2 and 3) is what TL's per-kv-head ``hook_k_input`` sees."""
-    from circuits.discovery.scoring import Ablator, reference_runs
+    from circuits.discovery.scoring import Ablator, References
 
     config, model_class = _configs()["llama"]
     model = boot(save_tiny(tmp_path, config, model_class))
@@ -233,8 +233,8 @@ def test_gqa_edge_into_every_query_head_of_a_group_is_tls_kv_head_port(tmp_path)
     mask = torch.zeros(1, *spec.shape)
     for head in (2, 3):
         mask[(0, *spec.edge_index(f"a0.h1->a1.h{head}<k>"))] = 1.0
-    clean, corrupt = reference_runs(fm, task)
-    ours = Ablator(fm, task, corrupt.writers, clean.logits).metrics(mask).item()
+    refs = References.of(fm, task)
+    ours = Ablator(fm, task, refs.corrupt_writers, refs).metrics(mask).item()
     theirs = _by_hand(model, task, lambda m, c: _head_write(m, c, 0, 1), "blocks.1.attn.hook_k_input", 1)
     assert ours == pytest.approx(theirs, abs=1e-5, rel=1e-4)
 

@@ -28,12 +28,15 @@ from circuits.config import (
     check_resamples,
     check_stable_share,
     check_target,
+    parse_memory,
 )
 from circuits.discovery import selection as sel
+from circuits.discovery.budget import make_budget
 from circuits.discovery.faithfulness import GAP_TOL, GAP_Z, Evaluator, faithfulness
 from circuits.discovery.functional import FunctionalModel
 from circuits.discovery.scoring import (
     METHODS,
+    References,
     check_scoring,
     check_task,
     score_edges,
@@ -43,6 +46,7 @@ from circuits.discovery.uncertainty import CircuitUncertainty, resample_circuits
 from circuits.errors import CircuitsError
 from circuits.graph import GraphSpec, to_digraph
 from circuits.tasks import Task
+from circuits.timing import phase
 
 SELECTIONS = ("faithful", "topn", "threshold", "greedy")
 
@@ -115,7 +119,8 @@ def smallest_faithful(evaluator: Evaluator, scores: np.ndarray, target: float = 
     """The smallest top-n (or greedy) circuit whose faithfulness reaches ``target``.
 
     Sizes 1, 2, 4, ... up to ``max_edges`` (default: all edges) are evaluated in batched
-    forwards, then the gap between the last size below target and the first above it is
+    forwards (as many per forward as the memory budget holds, stopping at the first group
+    that reaches the target: the same answer as evaluating them all), then the gap between the last size below target and the first above it is
     bisected (faithfulness need not be monotone in n, so this finds *a* boundary, as
     Tigges et al.'s search does). When no size reaches the target, the most faithful circuit
     found is returned with ``reached`` False. A nil metric gap returns the empty circuit, NaN
@@ -132,8 +137,16 @@ def smallest_faithful(evaluator: Evaluator, scores: np.ndarray, target: float = 
     if evaluator.gap_nil:
         return FaithfulSearch(np.zeros(spec.shape, dtype=bool), float("nan"), False, [], 0)
     sizes = sorted({min(2**i, limit) for i in range(int(np.ceil(np.log2(limit))) + 1)} | {limit})
-    masks = np.stack([circuit(n) for n in sizes])
-    faith = evaluator.faithfulness(masks)
+    # Up the grid a group at a time (as many copies as one forward holds), stopping at the
+    # first group that reaches the target: the sizes above it never change the answer.
+    group = evaluator.ablator.copies_per_forward()
+    masks: list[np.ndarray] = []
+    faith = np.empty(0)
+    while len(masks) < len(sizes) and not (faith >= target).any():
+        with phase("select"):
+            new = [circuit(n) for n in sizes[len(masks) : len(masks) + group]]
+        masks += new
+        faith = np.concatenate([faith, np.atleast_1d(evaluator.faithfulness(np.stack(new)))])
     tried = [(int(m.sum()), float(f)) for m, f in zip(masks, faith, strict=False)]
     hits = np.nonzero(faith >= target)[0]
     if len(hits) == 0:
@@ -144,7 +157,8 @@ def smallest_faithful(evaluator: Evaluator, scores: np.ndarray, target: float = 
     lo, hi = (sizes[first - 1] if first > 0 else 0), sizes[first]
     while hi - lo > 1:  # at most log2(limit) forwards
         mid = (lo + hi) // 2
-        mask = circuit(mid)
+        with phase("select"):
+            mask = circuit(mid)
         f = float(evaluator.faithfulness(mask))
         tried.append((int(mask.sum()), f))
         if f >= target:
@@ -184,6 +198,7 @@ def discover(
     stable_share: float = STABLE_SHARE,
     seed: int = 0,
     node_effects: str | None = None,
+    max_memory: int | str | None = None,
 ) -> CircuitResult:
     """Score every edge of ``model`` on ``task``, select a circuit, measure its faithfulness.
 
@@ -201,7 +216,9 @@ def discover(
     ``node_effects``: each writer's metric change when its output is ablated for every reader
     (exact: one ablated copy of the batch per writer, same ablation as the faithfulness), or
     its attribution (the sum of its edges' scores, which is EAP's node score); "auto" is exact
-    up to ``NODE_EXACT_MAX`` writers.
+    up to ``NODE_EXACT_MAX`` writers. ``max_memory`` bounds the working set of every stacked
+    computation (bytes or a size such as ``"2GB"``; default: min(2 GiB, half the available
+    memory); see budget.py): the results do not depend on it.
     """
     check_scoring(method, ig_steps)
     if selection not in SELECTIONS:
@@ -224,13 +241,19 @@ def discover(
         if scores is not None:
             raise CircuitsError("resamples need the per-example scores: leave scores unset to bootstrap")
     check_task(model, task)
-    fm = model if isinstance(model, FunctionalModel) else FunctionalModel(model)
+    if max_memory is not None:
+        parse_memory(max_memory)
+    fm = model if isinstance(model, FunctionalModel) else FunctionalModel(model, max_memory=max_memory)
+    if max_memory is not None:
+        fm.budget = make_budget(max_memory, fm.device)
     spec = fm.spec
+    with phase("faithfulness"):  # the full model's clean and corrupted runs, shared from here on
+        refs = References.of(fm, task, mean=ablation == "mean")
     per_example = None
     if scores is None:
-        per_example = score_edges_per_example(fm, task, method, ig_steps)
+        per_example = score_edges_per_example(fm, task, method, ig_steps, refs=refs)
         scores = per_example.mean(0, dtype=np.float64).astype(np.float32)
-    evaluator = Evaluator(fm, task, ablation, gap_tol, gap_z)
+    evaluator = Evaluator(fm, task, ablation, gap_tol, gap_z, refs=refs)
     reached, message, tried, size = None, "", [], None
     if selection == "faithful":
         search = smallest_faithful(evaluator, scores, target, grow, max_edges, absolute)
@@ -257,7 +280,8 @@ def discover(
     uncertainty = None
     if resamples and per_example is not None:
         reselect = _same_rule(spec, selection, grow, size, threshold, absolute)
-        uncertainty = resample_circuits(per_example, mask, reselect, resamples, stable_share, seed)
+        with phase("select"):
+            uncertainty = resample_circuits(per_example, mask, reselect, resamples, stable_share, seed)
         same = bool((uncertainty.stable == mask).all())  # often: then it was measured already
         uncertainty.stable_faithfulness = float(faith) if same else float(evaluator.faithfulness(uncertainty.stable))
     nodes, nodes_exact = None, False

@@ -4,7 +4,7 @@ Options read from ``ctx.options``: ``method`` (eap-ig), ``ig_steps`` (5), ``targ
 ``ablation`` (corrupt), ``max_edges`` (all), ``resamples`` (20; the bootstrap over examples,
 see uncertainty.py), ``stable_share`` (0.8), ``seed`` (0), ``trust_at`` (the steps at which
 to check the scores against exact patching; the sweep spreads ``trust_steps`` of its selected
-steps, the last included) and ``trust_max_edges`` (2000). Every array has the same shape at
+steps, the last included) and ``trust_max_edges`` (2000), ``max_memory`` (the working set's budget, budget.py). Every array has the same shape at
 every step.
 
 ``node_effects``: float32 [n_forward], each writer's contribution: the mean metric change when
@@ -37,7 +37,7 @@ def circuit_analysis(ctx) -> dict:
     ``resample_jaccard`` [resamples], ``stable`` (the stable circuit) and its ``stable_faithfulness``,
     ``trust`` (the scores against exact patching; NaN where not checked)."""
     options = ctx.options or {}
-    fm = FunctionalModel(ctx.model)
+    fm = FunctionalModel(ctx.model, max_memory=options.get("max_memory"))
     method = options.get("method", "eap-ig")
     result = discover(
         fm,

@@ -22,9 +22,10 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from circuits.discovery.functional import FunctionalModel
-from circuits.discovery.scoring import Ablator, _default_chunk, reference_runs
+from circuits.discovery.scoring import Ablator, References
 from circuits.errors import CircuitsError
-from circuits.tasks import Task, metric_per_example
+from circuits.tasks import Task
+from circuits.timing import phase
 
 ABLATIONS = ("corrupt", "mean")
 GAP_TOL = 1e-4
@@ -33,69 +34,83 @@ GAP_Z = 2.0
 
 @dataclass
 class Evaluator:
-    """Everything needed to score many candidate circuits of one model on one task."""
+    """Everything needed to score many candidate circuits of one model on one task.
+
+    ``refs``: the task's reference runs when the caller has them (discover shares the ones
+    scoring used). Each distinct circuit is measured once: a repeated mask reads its stored
+    metric, the full circuit reads the clean metric and the empty one the baseline.
+    """
 
     fm: FunctionalModel
     task: Task
     ablation: str = "corrupt"
     gap_tol: float = GAP_TOL
     gap_z: float = GAP_Z
+    refs: References | None = None
 
     def __post_init__(self) -> None:
         if self.ablation not in ABLATIONS:
             raise CircuitsError(f"unknown ablation {self.ablation!r}; expected one of: {', '.join(ABLATIONS)}")
-        clean, corrupt = reference_runs(self.fm, self.task)
-        self.tokens = self.task.clean.to(self.fm.device)
-        clean_each = metric_per_example(clean.logits, self.task, clean.logits).double()
-        corrupt_each = metric_per_example(corrupt.logits, self.task, clean.logits).double()
+        mean = self.ablation == "mean"
+        if self.refs is None or (mean and self.refs.clean_mean is None):
+            self.refs = References.of(self.fm, self.task, mean=mean)
+        refs = self.refs
+        clean_each = refs.metric(refs.clean_at).double()
+        corrupt_each = refs.metric(refs.corrupt_at).double()
         self.metric_clean = float(clean_each.mean())
         self.metric_corrupted = float(corrupt_each.mean())
-        if self.ablation == "corrupt":
-            self.reference = corrupt.writers
-            baseline_each = corrupt_each
-        else:
-            self.reference = real_row_mean(clean.writers, self.task.real_positions().to(self.fm.device))
+        if refs.clean_mean is not None and mean:
+            self.reference = refs.clean_mean
+            self.ablator = Ablator(self.fm, self.task, self.reference, refs)
             full = torch.ones(1, *self.fm.spec.shape, device=self.fm.device)
-            run = self.fm.run(self.tokens, ablate=full, reference=self.reference)
-            baseline_each = metric_per_example(run.logits, self.task, clean.logits).double()
-        self.ablator = Ablator(self.fm, self.task, self.reference, clean.logits)
+            baseline_each = self.ablator.per_example(full)[0]
+        else:
+            self.reference = refs.corrupt_writers
+            self.ablator = Ablator(self.fm, self.task, self.reference, refs)
+            baseline_each = corrupt_each
         self.clean_each = clean_each
         self.baseline = float(baseline_each.mean())
         self.gap = self.metric_clean - self.baseline
         diff = clean_each - baseline_each
         self.gap_se = float(diff.std() / len(diff) ** 0.5) if len(diff) > 1 else 0.0
         self.gap_nil = bool(abs(self.gap) < max(self.gap_tol, self.gap_z * self.gap_se))
+        self._measured: dict[bytes, float] = {}
 
-    def faithfulness(self, circuits: np.ndarray, chunk: int | None = None) -> np.ndarray:
-        """Faithfulness of each circuit mask ([n_forward, n_backward] or [k, ...]); NaN if the gap is nil.
+    def metrics(self, circuits: np.ndarray) -> np.ndarray:
+        """The mean metric with everything outside each circuit ablated ([k, n_forward, n_backward] masks)."""
+        valid = self.fm.spec.valid
+        keys = [np.packbits(c & valid).tobytes() for c in circuits]
+        known = {key: self.metric_clean for key, c in zip(keys, circuits, strict=True) if (c | ~valid).all()}
+        known |= {key: self.baseline for key, c in zip(keys, circuits, strict=True) if not (c & valid).any()}
+        known |= {key: self._measured[key] for key in keys if key in self._measured}
+        todo = list(dict.fromkeys(key for key in keys if key not in known))
+        if todo:
+            first = {key: i for i, key in reversed(list(enumerate(keys)))}
+            masks = np.stack([~circuits[first[key]] for key in todo])
+            with phase("faithfulness"):
+                values = self.ablator.metrics(torch.as_tensor(masks, device=self.fm.device, dtype=self.fm.dtype))
+            self._measured |= dict(zip(todo, values.cpu().numpy().tolist(), strict=True))
+            known |= {key: self._measured[key] for key in todo}
+        return np.array([known[key] for key in keys], dtype=np.float64)
 
-        ``chunk`` circuits are evaluated per forward (default: as many as fit a modest memory budget).
-        """
+    def faithfulness(self, circuits: np.ndarray) -> np.ndarray:
+        """Faithfulness of each circuit mask ([n_forward, n_backward] or [k, ...]); NaN if the gap is nil."""
         circuits = np.asarray(circuits, dtype=bool)
         single = circuits.ndim == 2
         circuits = circuits[None] if single else circuits
-        chunk = chunk or _default_chunk(self.fm, self.task, len(circuits), budget=5e7)
-        out = []
-        for start in range(0, len(circuits), chunk):
-            block = torch.as_tensor(~circuits[start : start + chunk], device=self.fm.device, dtype=self.fm.dtype)
-            out.append(self.ablator.metrics(block).double().cpu().numpy())
-        metrics = np.concatenate(out)
+        metrics = self.metrics(circuits)
         faith = np.full(len(metrics), np.nan) if self.gap_nil else (metrics - self.baseline) / self.gap
         return faith[0] if single else faith
 
-    def node_effects(self, chunk: int | None = None) -> Float[np.ndarray, "n_examples n_forward"]:
+    def node_effects(self) -> Float[np.ndarray, "n_examples n_forward"]:
         """Each example's metric change when one writer's output is ablated for every reader at
         once (``input``: the whole embedding), by this evaluator's ablation; ``n_forward`` copies
-        of the batch, ``chunk`` per forward."""
+        of the batch, as many per forward as the memory budget allows."""
         n = self.fm.spec.n_forward
-        # a copy holds one residual and the writers' outputs, not a residual per port
-        per_copy = self.task.n_examples * self.task.seq_len * (n + 8) * self.fm.W_E.shape[-1]
-        chunk = chunk or int(max(1, min(n, 5e7 // per_copy)))
-        out = []
-        for start in range(0, n, chunk):
-            rows = torch.eye(n, device=self.fm.device, dtype=self.fm.dtype)[start : start + chunk]
-            out.append(self.ablator.per_example_replaced(rows).double() - self.clean_each[None])
-        return torch.cat(out).T.float().cpu().numpy()
+        eye = torch.eye(n, device=self.fm.device, dtype=self.fm.dtype)
+        with phase("faithfulness"):
+            effects = self.ablator.per_example_of(n, lambda a, b: eye[a:b], replace=True) - self.clean_each[None]
+        return effects.T.float().cpu().numpy()
 
 
 def real_row_mean(writers: Float[Tensor, "n_forward batch pos d_model"],

@@ -28,17 +28,20 @@ new model is checked against the bridge's own forward on a probe batch (:func:`s
 
 from __future__ import annotations
 
+import functools
 import math
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import einops
+import numpy as np
 import torch
 import torch.nn.functional as F
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from circuits.discovery.budget import make_budget
 from circuits.discovery.support import check_config
 from circuits.errors import CircuitsError
 from circuits.graph import GraphSpec
@@ -141,6 +144,42 @@ def _replaced(out: Float[Tensor, "kb pos d"], ref: Float[Tensor, "b pos d"], wei
     return (copies + weight[:, None, None, None] * (ref[None] - copies)).view_as(out)
 
 
+class _Ablation:
+    """An ablated run's switches and, per writer as it is produced, ``output - reference``.
+
+    Keeping the differences (written once per writer into one buffer) instead of the outputs
+    means a reader's ablation term is one product over the writers so far: no stack of every
+    earlier output and no subtraction per layer.
+    """
+
+    def __init__(self, mask: Float[Tensor, "k n_forward n_backward"], reference: Float[Tensor, "n_forward b pos d"],
+                 n_copies: int) -> None:
+        self.mask, self.reference, self.n_copies = mask, reference, n_copies
+        self.diffs = reference.new_empty((reference.shape[0], n_copies, *reference.shape[1:]))
+
+    def add(self, writer: int, out: Float[Tensor, "kb pos d"]) -> None:
+        diff = out.view(self.n_copies, *self.reference.shape[1:]) - self.reference[writer][None]
+        if diff.requires_grad:  # per-port gradients through an ablated run (tests): differentiable, no buffer
+            self.diffs = diff[None] if writer == 0 else torch.cat([self.diffs[:writer], diff[None]])
+        else:
+            self.diffs[writer] = diff
+
+    def ported(self, n_written: int, first: int, count: int) -> Bool[Tensor, "k count"]:
+        """Which of these ports each copy ablates (an edge from a writer so far)."""
+        return self.mask[:, :n_written, first : first + count].any(1)
+
+    def term(self, n_written: int, first: int, count: int) -> Float[Tensor, "kb pos count d"] | None:
+        """``sum_u mask[u, port] * (output_u - reference_u)`` for these ports, or None if none is ablated."""
+        mask = self.mask[:, :n_written, first : first + count]
+        if not bool(mask.any()):
+            return None
+        k, (b, p, d) = self.n_copies, self.reference.shape[1:]
+        diffs = self.diffs[:n_written].view(n_written, k, b * p * d)
+        # per copy, [count, w] @ [w, b*p*d]: reads the buffer in place
+        term = torch.stack([mask[i].T @ diffs[:, i] for i in range(k)])  # [k, count, b*p*d]
+        return term.view(k, count, b, p, d).permute(0, 2, 3, 1, 4).reshape(k * b, p, count, d)
+
+
 @dataclass
 class Run:
     """One functional forward: logits, every writer's output, and the port perturbations."""
@@ -160,7 +199,7 @@ class FunctionalModel:
     only for measuring its cost; discovery never passes it.
     """
 
-    def __init__(self, model, check: bool = True) -> None:
+    def __init__(self, model, check: bool = True, max_memory: int | str | None = None) -> None:
         cfg = model.cfg
         check_config(cfg)
         self.cfg = cfg
@@ -190,6 +229,7 @@ class FunctionalModel:
         self.dtype = self.W_E.dtype
         self.rotary_table: tuple[Tensor, Tensor] | None = _rotary_table(model, self.d_head) if self.rotary else None
         self.adjacent_pairs = self.rotary and _adjacent_pairs(model)
+        self.budget = make_budget(max_memory, self.device)
         if check:
             self_check(self, model)
 
@@ -306,6 +346,7 @@ class FunctionalModel:
             replace = replace.to(self.dtype)
             n_copies = replace.shape[0]
             input_embeds = _replaced(input_embeds.repeat(n_copies, 1, 1), reference[0], replace[:, 0])
+        state: _Ablation | None = None
         if ablate is not None:
             if reference is None:
                 raise CircuitsError("ablating edges needs the reference writer outputs (corrupted or mean run)")
@@ -317,6 +358,7 @@ class FunctionalModel:
             ablate = (ablate * valid).to(self.dtype)
             n_copies = ablate.shape[0]
             input_embeds = input_embeds.repeat(n_copies, 1, 1)
+            state = _Ablation(ablate, reference, n_copies)
         if grad_ports and ablate is None:
             # the fast path differentiates q/k/v themselves: they must be part of the graph
             input_embeds = input_embeds + torch.zeros((), dtype=input_embeds.dtype, device=input_embeds.device,
@@ -326,27 +368,26 @@ class FunctionalModel:
         cos_sin = (self.rotary_table[0][:n_pos], self.rotary_table[1][:n_pos]) if self.rotary_table is not None else None
         # bidirectional models attend everywhere: no mask
         mask = torch.ones(n_pos, n_pos, dtype=torch.bool, device=self.device).tril() if self.causal else None
-        writers: list[Tensor] = [input_embeds]
+        writers: list[Tensor] = []  # kept only with keep_writers: an ablated run keeps (output - reference) instead
         ports: list[Tensor] = []  # filled only with grad_ports
+        n_written = 0
+
+        def emit(*outs: Tensor) -> None:
+            nonlocal n_written
+            for out in outs:
+                if keep_writers:
+                    writers.append(out)
+                if state is not None:
+                    state.add(n_written, out)
+                n_written += 1
+
+        emit(input_embeds)
         resid = input_embeds
         reader = 0  # index of the first port of the current layer in backward order
 
-        def ablation_term(first: int, count: int) -> Tensor | None:
-            """[batch pos count d_model]: sum_u ablate[u, port] * (writer_u - reference_u)."""
-            if ablate is None or reference is None:  # reference is set whenever ablate is (checked above)
-                return None
-            n_w = len(writers)
-            mask = ablate[:, :n_w, first : first + count]
-            if not bool(mask.any()):
-                return None
-            ref = reference[:n_w]
-            diff = torch.stack(writers).view(n_w, n_copies, -1, n_pos, resid.shape[-1]) - ref[:, None]
-            term = einops.einsum(diff, mask, "w k b p d, k w r -> k b p r d")
-            return term.reshape(batch, n_pos, count, -1)
-
         def port_input(base: Tensor, first: int, count: int) -> Tensor:
             x = base[:, :, None, :].expand(-1, -1, count, -1)
-            term = ablation_term(first, count)
+            term = state.term(n_written, first, count) if state is not None else None
             if term is not None:
                 x = x - term
             if grad_ports:
@@ -357,12 +398,8 @@ class FunctionalModel:
 
         port_inputs: list[Tensor] = []
 
-        def ablated_ports(first: int, count: int) -> Tensor | None:
-            """bool [k, count]: which of these ports each copy ablates (None: no ablation)."""
-            return None if ablate is None else ablate[:, : len(writers), first : first + count].any(1)
-
         for layer in range(self.n_layers):
-            ported = ablated_ports(reader, 3 * H)
+            ported = state.ported(n_written, reader, 3 * H) if state is not None else None
             if ported is None or not (grad_ports or bool(ported.any())):
                 # Every port of the layer reads the same residual (also in an ablated run whose
                 # ablations are all in later layers): normalise once. Gradients per port come
@@ -377,7 +414,8 @@ class FunctionalModel:
                 normed = self.ln1[layer](port_input(resid, reader, 3 * H))
                 qkv = einops.einsum(normed, self.W_QKV[layer], "b p h d, h d e -> b p h e") + self.b_QKV[layer]
             else:  # a few ports per copy are ablated (exact patching): the others share one residual
-                qkv = self._sparse_port_qkv(layer, resid, ported, ablation_term(reader, 3 * H), n_copies)
+                term = state.term(n_written, reader, 3 * H) if state is not None else None
+                qkv = self._sparse_port_qkv(layer, resid, ported, term, n_copies)
             q, k, v = self._qk_normed(layer, qkv)
             if cos_sin is not None:
                 q, k = self._rotate(q, *cos_sin), self._rotate(k, *cos_sin)
@@ -392,10 +430,9 @@ class FunctionalModel:
                 else:
                     bias = self.b_O[layer]
                 if replace is not None and reference is not None:
-                    first = len(writers)
-                    heads = torch.stack([_replaced(heads[h], reference[first + h], replace[:, first + h])
+                    heads = torch.stack([_replaced(heads[h], reference[n_written + h], replace[:, n_written + h])
                                          for h in range(H)])
-                writers.extend(heads.unbind(0))
+                emit(*heads.unbind(0))
                 attn_out = heads.sum(0) + bias
             else:
                 attn_out = einops.einsum(z, self.W_O[layer], "b p h e, h e d -> b p d") + self.b_O[layer]
@@ -409,10 +446,10 @@ class FunctionalModel:
                 mlp_in = port_input(base, reader, 1)[:, :, 0]
                 mlp_out = self._mlp(layer, mlp_in)
                 if replace is not None and reference is not None:
-                    mlp_out = _replaced(mlp_out, reference[len(writers)], replace[:, len(writers)])
+                    mlp_out = _replaced(mlp_out, reference[n_written], replace[:, n_written])
                 if trace is not None:
                     trace[f"blocks.{layer}.hook_mlp_out"] = mlp_out
-                writers.append(mlp_out)
+                emit(mlp_out)
                 reader += 1
                 resid = resid + attn_out + mlp_out
             else:
@@ -423,8 +460,7 @@ class FunctionalModel:
         logits = self.ln_final(final) @ self.W_U + self.b_U
         if self.logits_cap > 0:
             logits = self.logits_cap * torch.tanh(logits / self.logits_cap)
-        kept = keep_writers or ablate is not None or replace is not None
-        stacked = torch.stack(writers) if kept else input_embeds.new_zeros(0)
+        stacked = torch.stack(writers) if keep_writers else input_embeds.new_zeros(0)
         return Run(logits, stacked, ports if grad_ports else None, port_inputs if ablate is None and grad_ports else None)
 
     def _sparse_port_qkv(self, layer: int, resid: Float[Tensor, "kb pos d_model"], ported: Tensor,
@@ -484,8 +520,53 @@ class FunctionalModel:
         post = self.ln2_post[layer]
         return post(out) if post is not None else out
 
-    def port_grads(self, run: Run, value: Tensor) -> Float[Tensor, "n_backward batch pos d_model"]:
-        """``d value / d input of each reader port``, stacked in ``spec.backward_names`` order."""
+    def port_groups(self) -> list[tuple[int, int, int]]:
+        """The reader ports by group, as :meth:`port_grads_by_group` returns their gradients:
+        (first port, end, number of writers before the group), in backward order: each layer's
+        q/k/v ports, its MLP port, then the logits."""
+        return self._groups
+
+    @functools.cached_property
+    def _groups(self) -> list[tuple[int, int, int]]:
+        valid, groups, first = self.spec.valid, [], 0
+        sizes = [size for _ in range(self.n_layers) for size in ([3 * self.n_heads, 1] if self.has_mlp
+                                                                  else [3 * self.n_heads])] + [1]
+        for size in sizes:
+            rows = np.nonzero(valid[:, first : first + size].any(1))[0]
+            groups.append((first, first + size, int(rows.max()) + 1 if len(rows) else 0))
+            first += size
+        return groups
+
+    def cost(self, task, kind: str) -> float:
+        """Bytes one example of ``task`` needs in one copy of a computation of ``kind``: ``run``
+        (a forward keeping its writer outputs), ``grad`` (a forward with per-port gradients and
+        its backward, the products with the deltas), ``ablated`` (an edge-ablated copy),
+        ``replaced`` (a node-replaced copy) or ``kept`` (what a chunk holds per example
+        whatever its copies: deltas or reference outputs and gradient sums).
+
+        Estimates from the tensors each one makes (float size, residuals per writer and per
+        port, attention patterns, MLP activations, logits at the answer positions), with a
+        margin: the test of ``tests/test_budget.py`` checks a step's peak RSS against them.
+        """
+        size = self.W_E.element_size()
+        n_pos, d = task.seq_len, self.W_E.shape[-1]
+        n_at = int(torch.unique(task.answer_pos % n_pos).numel())
+        vocab, d_mlp = self.W_U.shape[-1], (self.W_in.shape[-1] if self.has_mlp else 0)
+        resid = size * n_pos * d  # one example's residual
+        n_f, n_b, ports = self.spec.n_forward, self.spec.n_backward, 3 * self.n_heads + 1
+        layer = size * n_pos * (8 * d + 3 * self.n_heads * n_pos + 3 * d_mlp)  # one layer's activations
+        logits = size * n_at * vocab
+        per_kind = {
+            "run": 2 * n_f * resid + 2 * logits + layer,
+            "grad": self.n_layers * layer + (2 * n_b + 4 * ports) * resid + 3 * logits,
+            "ablated": (n_f + 5 * ports) * resid + 2 * logits + layer,
+            "replaced": (3 * self.n_heads + 8) * resid + 2 * logits + layer,
+            "kept": (2 * n_f + n_b) * resid,
+        }
+        return 1.25 * per_kind[kind]
+
+    def port_grads_by_group(self, run: Run, value: Tensor) -> list[Float[Tensor, "batch pos ports d_model"]]:
+        """``d value / d input of each reader port``, one tensor per group of :meth:`port_groups`."""
         if run.ports is None:
             raise CircuitsError("port_grads needs a run made with grad_ports=True")
         grads = torch.autograd.grad(value, run.ports)
@@ -494,18 +575,17 @@ class FunctionalModel:
         for layer in range(self.n_layers):
             if run.port_inputs is not None:
                 g_normed = einops.einsum(next(it), self.W_QKV[layer], "b p h e, h d e -> b p h d")
-                g = self.ln1[layer].vjp(run.port_inputs[layer], g_normed)
+                out.append(self.ln1[layer].vjp(run.port_inputs[layer], g_normed))
             else:
-                g = next(it)  # [b p 3H d]
-            out.extend(g.unbind(2))
+                out.append(next(it))  # [b p 3H d]
             if self.has_mlp:
-                out.append(self._single_port(next(it)))
-        out.append(self._single_port(next(it)))
-        return torch.stack(out)
+                out.append(next(it))
+        out.append(next(it))
+        return out
 
-    @staticmethod
-    def _single_port(grad: Tensor) -> Tensor:
-        return grad[:, :, 0]
+    def port_grads(self, run: Run, value: Tensor) -> Float[Tensor, "n_backward batch pos d_model"]:
+        """``d value / d input of each reader port``, stacked in ``spec.backward_names`` order."""
+        return torch.cat(self.port_grads_by_group(run, value), dim=2).permute(2, 0, 1, 3)
 
 
 # ---------------------------------------------------------------------- reading the model

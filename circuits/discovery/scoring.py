@@ -12,7 +12,7 @@ score (corrupting it lowers the metric); rank edges by ``|score|``.
 - ``eap-ig``: the same delta times the gradient averaged over ``m`` points of the straight
   line from the corrupted to the clean input embeddings (``k/m``, ``k = 1..m``), as in
   Hanna et al.'s EAP-IG ("inputs" variant). All ``m`` steps run as one stacked batch
-  (or in chunks of ``ig_chunk`` steps).
+  (in chunks of steps and of examples that fit the memory budget, ``budget.py``).
 - ``patching``: the exact value: reader ``v`` gets ``a_u(corrupt)`` instead of
   ``a_u(clean)``, everything else stays clean and downstream effects propagate. Several
   edges are patched per forward (each on its own copy of the batch).
@@ -23,11 +23,12 @@ Scores of pairs that are not edges (``spec.valid`` False) are 0.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import einops
 import numpy as np
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from circuits.config import SCORING_METHODS as METHODS
@@ -35,6 +36,7 @@ from circuits.config import check_ig_steps, check_method
 from circuits.discovery.functional import FunctionalModel
 from circuits.errors import CircuitsError
 from circuits.tasks import Task, at_answer_positions, check_model_fits, metric_per_example
+from circuits.timing import phase
 
 
 def check_scoring(method: str, ig_steps: int) -> None:
@@ -49,10 +51,6 @@ def check_task(model, task: Task) -> None:
     check_model_fits(model, task)
 
 
-def _metric(logits, task: Task, clean_logits=None) -> torch.Tensor:
-    return metric_per_example(logits, task, clean_logits)
-
-
 @torch.no_grad()
 def reference_runs(fm: FunctionalModel, task: Task):
     """Clean and corrupted runs of the full model: (clean Run, corrupted Run)."""
@@ -61,68 +59,135 @@ def reference_runs(fm: FunctionalModel, task: Task):
     return clean, corrupt
 
 
-def _per_example_scores(delta: Float[Tensor, "n_forward batch pos d_model"],
-                        grads: Float[Tensor, "n_backward batch pos d_model"],
-                        fm: FunctionalModel) -> Float[np.ndarray, "batch n_forward n_backward"]:
-    """Each example's attribution of each edge: (corrupted - clean writer output) . d metric / d port input."""
-    products = einops.einsum(delta, grads, "f n p d, b n p d -> n f b")
-    scores = products.float().cpu().numpy()
-    scores[:, ~fm.spec.valid] = 0.0
-    return scores
+@dataclass
+class References:
+    """The full model's clean and corrupted runs of a task: computed once per step (in chunks
+    of examples) and shared by scoring, faithfulness, node effects and the trust check.
 
-
-def score_eap(fm: FunctionalModel, task: Task) -> np.ndarray:
-    """EAP: 2 forwards (one with gradients) and 1 backward for the whole batch; per example."""
-    with torch.no_grad():
-        corrupt = fm.run(task.corrupted.to(fm.device))
-    positions, local = at_answer_positions(task)
-    clean = fm.run(task.clean.to(fm.device), grad_ports=True, logit_positions=positions.to(fm.device))
-    clean_logits = clean.logits.detach()
-    value = _metric(clean.logits, local, clean_logits).sum()
-    grads = fm.port_grads(clean, value)
-    return _per_example_scores(corrupt.writers - clean.writers.detach(), grads, fm)
-
-
-def score_eap_ig(fm: FunctionalModel, task: Task, steps: int = 5, ig_chunk: int | None = None) -> np.ndarray:
-    """EAP-IG with ``steps`` interpolation points between corrupted (0) and clean (1) inputs; per example."""
-    check_ig_steps(steps)
-    clean_run, corrupt_run = reference_runs(fm, task)
-    clean_in, corrupt_in = clean_run.writers[0], corrupt_run.writers[0]
-    tokens = task.clean.to(fm.device)
-    n = task.n_examples
-    ig_chunk = ig_chunk or _default_chunk(fm, task, steps)
-    positions, local = at_answer_positions(task)
-    positions = positions.to(fm.device)
-    clean_at = clean_run.logits[:, positions]
-    grad_sum: torch.Tensor | None = None
-    for start in range(1, steps + 1, ig_chunk):
-        ks = torch.arange(start, min(start + ig_chunk, steps + 1), device=fm.device, dtype=fm.dtype)
-        alphas = (ks / steps)[:, None, None, None]
-        embeds = corrupt_in[None] + alphas * (clean_in - corrupt_in)[None]
-        embeds = embeds.reshape(-1, *clean_in.shape[1:])
-        run = fm.run(tokens.repeat(len(ks), 1), input_embeds=embeds, grad_ports=True, logit_positions=positions,
-                     keep_writers=False)
-        value = _metric(run.logits, local.repeat(len(ks)), clean_at.repeat(len(ks), 1, 1)).sum()
-        grads = fm.port_grads(run, value).view(fm.spec.n_backward, len(ks), n, *clean_in.shape[1:]).sum(1)
-        grad_sum = grads if grad_sum is None else grad_sum + grads
-    if grad_sum is None:  # unreachable: check_ig_steps made steps >= 1, so the loop ran
-        raise CircuitsError(f"eap-ig ran no interpolation step (steps={steps})")
-    return _per_example_scores(corrupt_run.writers - clean_run.writers, grad_sum / steps, fm)
-
-
-def _default_chunk(fm: FunctionalModel, task: Task, copies: int, budget: float | None = None) -> int:
-    """How many copies of the batch to stack per forward, keeping activations near ``budget`` floats.
-
-    On CPU small stacks run faster (cache), on an accelerator large ones do.
+    ``positions`` are the positions the metric reads and ``answers`` the task re-indexed to
+    them (``at_answer_positions``); logits are kept there only. ``corrupt_writers`` are the
+    corrupted run's writer outputs (the reference of corrupt ablation and of EAP's deltas);
+    ``clean_writers_sum`` / ``clean_writers_count`` the per-position sums over real rows of the
+    clean outputs, when asked for (mean ablation).
     """
-    if budget is None:
-        budget = 2e7 if fm.device.type == "cpu" else 2.5e8
-    per_copy = task.n_examples * task.seq_len * (fm.spec.n_forward + 4 * fm.spec.n_backward) * fm.W_E.shape[-1]
-    return int(max(1, min(copies, budget // max(per_copy, 1))))
+
+    positions: Int[Tensor, " n_at"]
+    answers: Task
+    clean_at: Float[Tensor, "batch n_at vocab"]
+    corrupt_at: Float[Tensor, "batch n_at vocab"]
+    corrupt_writers: Float[Tensor, "n_forward batch pos d_model"]
+    clean_mean: Float[Tensor, "n_forward batch pos d_model"] | None = None
+
+    @classmethod
+    @torch.no_grad()
+    def of(cls, fm: FunctionalModel, task: Task, mean: bool = False) -> References:
+        """Both runs, ``fm.budget`` bounding each chunk; ``mean``: also the clean outputs' real-row mean."""
+        positions, answers = at_answer_positions(task)
+        positions = positions.to(fm.device)
+        chunk = fm.budget.plan(fm.cost(task, "run"), task.n_examples).examples
+        clean_at, corrupt_at, corrupt_writers = [], [], []
+        totals: Tensor | None = None
+        for start in range(0, task.n_examples, chunk):
+            sub = task.slice(start, min(start + chunk, task.n_examples))
+            clean = fm.run(sub.clean.to(fm.device), logit_positions=positions, keep_writers=mean)
+            corrupt = fm.run(sub.corrupted.to(fm.device), logit_positions=positions)
+            clean_at.append(clean.logits)
+            corrupt_at.append(corrupt.logits)
+            corrupt_writers.append(corrupt.writers)
+            if mean:
+                real = sub.real_positions().to(fm.device, fm.dtype)
+                part = einops.einsum(clean.writers, real, "w b p d, b p -> w p d")
+                totals = part if totals is None else totals + part
+        clean_mean = None
+        if mean and totals is not None:
+            count = task.real_positions().to(fm.device, fm.dtype).sum(0).clamp(min=1.0)  # a position no row reaches: 0
+            clean_mean = (totals / count[None, :, None])[:, None].expand(-1, task.n_examples, -1, -1)
+        return cls(positions, answers, torch.cat(clean_at), torch.cat(corrupt_at), torch.cat(corrupt_writers, dim=1),
+                   clean_mean)
+
+    def metric(self, logits: Float[Tensor, "batch n_at vocab"], start: int = 0) -> Float[Tensor, " batch"]:
+        """The metric of rows ``start:start+len(logits)`` from their logits at ``positions``
+        (the kl metric against the clean run's)."""
+        stop = start + logits.shape[0]
+        return metric_per_example(logits, self.answers.slice(start, stop), self.clean_at[start:stop])
+
+
+def _per_example_scores(delta: Float[Tensor, "n_forward batch pos d_model"], grads: list[Tensor],
+                        fm: FunctionalModel) -> Float[np.ndarray, "batch n_forward n_backward"]:
+    """Each example's attribution of each edge: (corrupted - clean writer output) . d metric / d
+    port input, by group of ports (:meth:`FunctionalModel.port_groups`) over the writers before
+    them only: no stack of every port's gradient, no product outside the valid edges."""
+    n_f, batch, n_pos, d = delta.shape
+    by_example = delta.permute(1, 0, 2, 3).reshape(batch, n_f, n_pos * d)  # one copy, then views
+    scores = torch.zeros(batch, n_f, fm.spec.n_backward, dtype=torch.float32, device=delta.device)
+    for (first, stop, n_writers), grad in zip(fm.port_groups(), grads, strict=True):
+        per_port = grad.permute(0, 1, 3, 2).reshape(batch, n_pos * d, stop - first)
+        scores[:, :n_writers, first:stop] = torch.bmm(by_example[:, :n_writers], per_port).float()
+    out = scores.cpu().numpy()
+    out[:, ~fm.spec.valid] = 0.0
+    return out
+
+
+def _chunked_scores(fm: FunctionalModel, task: Task, kind: str, copies: int,
+                    score: Callable[[Task, int, int], np.ndarray]) -> np.ndarray:
+    """``score(sub_task, start, copies_per_forward)`` over chunks of examples that fit ``fm.budget``."""
+    plan = fm.budget.plan(fm.cost(task, kind), task.n_examples, copies, per_example=fm.cost(task, "kept"))
+    parts = [score(task.slice(start, min(start + plan.examples, task.n_examples)), start, plan.copies)
+             for start in range(0, task.n_examples, plan.examples)]
+    return np.concatenate(parts)
+
+
+def score_eap(fm: FunctionalModel, task: Task, refs: References | None = None) -> np.ndarray:
+    """EAP: per chunk of examples, one forward with gradients and one backward; per example."""
+    refs = refs or References.of(fm, task)
+
+    def chunk(sub: Task, start: int, _copies: int) -> np.ndarray:
+        rows = slice(start, start + sub.n_examples)
+        clean = fm.run(sub.clean.to(fm.device), grad_ports=True, logit_positions=refs.positions)
+        value = refs.metric(clean.logits, start).sum()
+        grads = fm.port_grads_by_group(clean, value)
+        with torch.no_grad():
+            return _per_example_scores(refs.corrupt_writers[:, rows] - clean.writers.detach(), grads, fm)
+
+    return _chunked_scores(fm, task, "grad", 1, chunk)
+
+
+def score_eap_ig(fm: FunctionalModel, task: Task, steps: int = 5, refs: References | None = None) -> np.ndarray:
+    """EAP-IG with ``steps`` interpolation points between corrupted (0) and clean (1) inputs; per example.
+
+    Per chunk of examples, the steps run stacked as far as ``fm.budget`` allows; the gradients
+    are summed per group of ports, then multiplied by the deltas once.
+    """
+    check_ig_steps(steps)
+    refs = refs or References.of(fm, task)
+
+    def chunk(sub: Task, start: int, per_forward: int) -> np.ndarray:
+        rows = slice(start, start + sub.n_examples)
+        tokens = sub.clean.to(fm.device)
+        with torch.no_grad():
+            clean = fm.run(tokens, logit_positions=refs.positions)
+        clean_in, corrupt_in = clean.writers[0], refs.corrupt_writers[0, rows]
+        sums: list[Tensor] | None = None
+        for first in range(1, steps + 1, per_forward):
+            ks = torch.arange(first, min(first + per_forward, steps + 1), device=fm.device, dtype=fm.dtype)
+            alphas = (ks / steps)[:, None, None, None]
+            embeds = (corrupt_in[None] + alphas * (clean_in - corrupt_in)[None]).reshape(-1, *clean_in.shape[1:])
+            run = fm.run(tokens.repeat(len(ks), 1), input_embeds=embeds, grad_ports=True,
+                         logit_positions=refs.positions, keep_writers=False)
+            answers, clean_at = refs.answers.slice(rows.start, rows.stop), refs.clean_at[rows]
+            value = metric_per_example(run.logits, answers.repeat(len(ks)), clean_at.repeat(len(ks), 1, 1)).sum()
+            grads = [g.view(len(ks), sub.n_examples, *g.shape[1:]).sum(0) for g in fm.port_grads_by_group(run, value)]
+            sums = grads if sums is None else [a + b for a, b in zip(sums, grads, strict=True)]
+        if sums is None:  # unreachable: check_ig_steps made steps >= 1, so the loop ran
+            raise CircuitsError(f"eap-ig ran no interpolation step (steps={steps})")
+        with torch.no_grad():
+            return _per_example_scores(refs.corrupt_writers[:, rows] - clean.writers, [g / steps for g in sums], fm)
+
+    return _chunked_scores(fm, task, "grad", steps, chunk)
 
 
 @torch.no_grad()
-def score_patching(fm: FunctionalModel, task: Task, edges_per_forward: int | None = None) -> np.ndarray:
+def score_patching(fm: FunctionalModel, task: Task, refs: References | None = None) -> np.ndarray:
     """Exact, per example: for every edge, the metric change when its reader gets the corrupted
     writer output."""
     spec = fm.spec
@@ -136,51 +201,60 @@ def score_patching(fm: FunctionalModel, task: Task, edges_per_forward: int | Non
         masks[torch.arange(len(block)), block[:, 0], block[:, 1]] = 1.0
         return masks
 
-    chunk = edges_per_forward or _default_chunk(fm, task, len(pairs), budget=5e7)
+    refs = refs or References.of(fm, task)
+    ablator = Ablator(fm, task, refs.corrupt_writers, refs)
+    base = refs.metric(refs.clean_at)
     scores = np.zeros((task.n_examples, *spec.shape), dtype=np.float32)
-    scores[:, pairs[:, 0], pairs[:, 1]] = _corruption_effects(fm, task, len(pairs), one_edge_each, chunk).T
+    effects = ablator.per_example_of(len(pairs), one_edge_each) - base[None]
+    scores[:, pairs[:, 0], pairs[:, 1]] = effects.T.float().cpu().numpy()
     return scores
-
-
-def _corruption_effects(fm: FunctionalModel, task: Task, n: int, masks: Callable[[int, int], torch.Tensor],
-                        chunk: int) -> np.ndarray:
-    """float32 [n, n_examples]: each example's metric with ``masks(start, stop)`` corrupted, minus
-    its clean metric."""
-    clean_run, corrupt_run = reference_runs(fm, task)
-    base = _metric(clean_run.logits, task, clean_run.logits)
-    ablator = Ablator(fm, task, corrupt_run.writers, clean_run.logits)
-    effects = [ablator.per_example(masks(start, min(start + chunk, n))) - base for start in range(0, n, chunk)]
-    return torch.cat(effects).float().cpu().numpy()
 
 
 class Ablator:
     """Runs of ``task`` in which the edges of a mask read ``reference`` instead of the clean
-    writer outputs: the mean task metric of each of several masks, all in one forward."""
+    writer outputs: each example's metric under each of several masks, stacked as copies and
+    chunked by examples to fit ``fm.budget``."""
 
-    def __init__(self, fm: FunctionalModel, task: Task, reference: torch.Tensor, clean_logits: torch.Tensor) -> None:
-        self.fm, self.task, self.reference = fm, task, reference
-        self.tokens = task.clean.to(fm.device)
-        positions, self.answers = at_answer_positions(task)
-        self.positions = positions.to(fm.device)
-        self.clean_at = clean_logits[:, self.positions]
+    def __init__(self, fm: FunctionalModel, task: Task, reference: torch.Tensor, refs: References) -> None:
+        self.fm, self.task, self.reference, self.refs = fm, task, reference, refs
+
+    def copies_per_forward(self) -> int:
+        """How many ablated copies of the whole batch one forward holds (1 when examples are chunked)."""
+        return self.fm.budget.plan(self.fm.cost(self.task, "ablated"), self.task.n_examples, 2**31).copies
 
     @torch.no_grad()
     def per_example(self, masks: torch.Tensor) -> torch.Tensor:
         """[k, n_forward, n_backward] masks (1 = ablated) -> [k, n_examples] metrics."""
-        run = self.fm.run(self.tokens, ablate=masks, reference=self.reference, logit_positions=self.positions)
-        return self._per_copy(run.logits, masks.shape[0])
+        return self.per_example_of(masks.shape[0], lambda a, b: masks[a:b])
 
     @torch.no_grad()
+    def per_example_of(self, k: int, masks: Callable[[int, int], torch.Tensor], replace: bool = False) -> torch.Tensor:
+        """[k, n_examples] metrics of the masks ``masks(a, b)`` gives for ``a:b`` (made chunk by
+        chunk: k may be large); ``replace``: masks are [*, n_forward] writer masks (node effects)."""
+        plan = self.fm.budget.plan(self.fm.cost(self.task, "replaced" if replace else "ablated"), self.task.n_examples, k)
+        out = torch.empty(k, self.task.n_examples, dtype=torch.float64, device=self.fm.device)
+        for first in range(0, k, plan.copies):
+            block = masks(first, min(first + plan.copies, k))
+            for start in range(0, self.task.n_examples, plan.examples):
+                stop = min(start + plan.examples, self.task.n_examples)
+                out[first : first + len(block), start:stop] = self._metrics(block, start, stop, replace)
+        return out
+
+    def _metrics(self, block: torch.Tensor, start: int, stop: int, replace: bool) -> torch.Tensor:
+        tokens = self.task.clean[start:stop].to(self.fm.device)
+        reference = self.reference[:, start:stop]
+        switch = {"replace": block} if replace else {"ablate": block}
+        run = self.fm.run(tokens, reference=reference, logit_positions=self.refs.positions, keep_writers=False,
+                          **switch)
+        k, n = block.shape[0], stop - start
+        answers, clean_at = self.refs.answers.slice(start, stop), self.refs.clean_at[start:stop]
+        values = metric_per_example(run.logits, answers.repeat(k), clean_at.repeat(k, 1, 1))
+        return values.view(k, n).double()
+
     def per_example_replaced(self, rows: torch.Tensor) -> torch.Tensor:
         """[k, n_forward] writer masks (1 = that writer's output read from ``reference`` by every
         reader) -> [k, n_examples] metrics."""
-        run = self.fm.run(self.tokens, replace=rows, reference=self.reference, logit_positions=self.positions)
-        return self._per_copy(run.logits, rows.shape[0])
-
-    def _per_copy(self, logits: torch.Tensor, k: int) -> torch.Tensor:
-        """[k * n_examples, answers, vocab] logits of k stacked copies -> [k, n_examples] metrics."""
-        values = _metric(logits, self.answers.repeat(k), self.clean_at.repeat(k, 1, 1))
-        return values.view(k, self.task.n_examples)
+        return self.per_example_of(rows.shape[0], lambda a, b: rows[a:b], replace=True)
 
     def metrics(self, masks: torch.Tensor) -> torch.Tensor:
         """[k, n_forward, n_backward] masks (1 = ablated) -> [k] mean metrics."""
@@ -193,13 +267,15 @@ def score_edges(model_or_fm, task: Task, method: str = "eap-ig", ig_steps: int =
     return score_edges_per_example(model_or_fm, task, method, ig_steps).mean(0, dtype=np.float64).astype(np.float32)
 
 
-def score_edges_per_example(model_or_fm, task: Task, method: str = "eap-ig", ig_steps: int = 5
-                            ) -> Float[np.ndarray, "n_examples n_forward n_backward"]:
-    """float32 edge scores of each example by ``method``; their mean is the edge's score."""
+def score_edges_per_example(model_or_fm, task: Task, method: str = "eap-ig", ig_steps: int = 5,
+                            refs: References | None = None) -> Float[np.ndarray, "n_examples n_forward n_backward"]:
+    """float32 edge scores of each example by ``method``; their mean is the edge's score.
+    ``refs``: the task's reference runs, when the caller has them (discover shares them)."""
     fm = model_or_fm if isinstance(model_or_fm, FunctionalModel) else FunctionalModel(model_or_fm)
     check_scoring(method, ig_steps)
-    if method == "eap":
-        return score_eap(fm, task)
-    if method == "eap-ig":
-        return score_eap_ig(fm, task, ig_steps)
-    return score_patching(fm, task)
+    with phase("score"):
+        if method == "eap":
+            return score_eap(fm, task, refs)
+        if method == "eap-ig":
+            return score_eap_ig(fm, task, ig_steps, refs)
+        return score_patching(fm, task, refs)
