@@ -9,7 +9,7 @@ are per example (tests compare chunked and unchunked to 1e-6).
 
 The budget covers the working set of one chunk; what a step keeps whole (the corrupted
 run's writer outputs, n_forward x batch x pos x d_model floats: 0.5 GB at Pythia-160m shape
-with 32 x 33 tokens) is reported by :func:`kept_bytes` and not chunked. Default: the smaller of
+with 32 x 33 tokens; ``FunctionalModel.cost(task, "kept")`` per example) is not chunked. Default: the smaller of
 2 GiB and half the memory available (``MemAvailable``; on CUDA the device's free memory).
 """
 
@@ -46,7 +46,8 @@ class Budget:
         needs once per chunk whatever the copies (its reference outputs, gradient sums).
         """
         per_row = per_example + per_unit
-        examples = int(max(1, min(n_examples, self.bytes // max(per_row, 1.0))))
+        most = int(max(1, min(n_examples, self.bytes // max(per_row, 1.0))))
+        examples = -(-n_examples // -(-n_examples // most))  # even: 8 rows in chunks of at most 7 run as 4 + 4, not 7 + 1
         room = self.bytes / examples - per_example
         copies = int(max(1, min(n_copies, room // max(per_unit, 1.0))))
         return Chunks(examples, copies)

@@ -55,8 +55,7 @@ class Evaluator:
         if self.refs is None or (mean and self.refs.clean_mean is None):
             self.refs = References.of(self.fm, self.task, mean=mean)
         refs = self.refs
-        clean_each = refs.metric(refs.clean_at).double()
-        corrupt_each = refs.metric(refs.corrupt_at).double()
+        clean_each, corrupt_each = refs.clean_each.double(), refs.corrupted_each.double()
         self.metric_clean = float(clean_each.mean())
         self.metric_corrupted = float(corrupt_each.mean())
         if refs.clean_mean is not None and mean:

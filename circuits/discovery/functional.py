@@ -185,7 +185,7 @@ class Run:
     """One functional forward: logits, every writer's output, and the port perturbations."""
 
     logits: Float[Tensor, "batch pos vocab"]
-    writers: Float[Tensor, "n_forward batch pos d_model"]
+    writers: Float[Tensor, "n_forward batch pos d_model"]  # detached: no gradient flows through them
     ports: list[Tensor] | None  # what port_grads differentiates: per-port zeros, or each layer's qkv (fast path)
     port_inputs: list[Tensor] | None = None  # fast path: the residual each layer's attention ports read
 
@@ -368,7 +368,10 @@ class FunctionalModel:
         cos_sin = (self.rotary_table[0][:n_pos], self.rotary_table[1][:n_pos]) if self.rotary_table is not None else None
         # bidirectional models attend everywhere: no mask
         mask = torch.ones(n_pos, n_pos, dtype=torch.bool, device=self.device).tril() if self.causal else None
-        writers: list[Tensor] = []  # kept only with keep_writers: an ablated run keeps (output - reference) instead
+        # written in place (detached) with keep_writers: no list of outputs to stack at the end;
+        # an ablated run keeps (output - reference) instead
+        writers = (input_embeds.new_empty((spec.n_forward, *input_embeds.shape)) if keep_writers
+                   else input_embeds.new_zeros(0))
         ports: list[Tensor] = []  # filled only with grad_ports
         n_written = 0
 
@@ -376,7 +379,7 @@ class FunctionalModel:
             nonlocal n_written
             for out in outs:
                 if keep_writers:
-                    writers.append(out)
+                    writers[n_written] = out.detach()
                 if state is not None:
                     state.add(n_written, out)
                 n_written += 1
@@ -460,8 +463,7 @@ class FunctionalModel:
         logits = self.ln_final(final) @ self.W_U + self.b_U
         if self.logits_cap > 0:
             logits = self.logits_cap * torch.tanh(logits / self.logits_cap)
-        stacked = torch.stack(writers) if keep_writers else input_embeds.new_zeros(0)
-        return Run(logits, stacked, ports if grad_ports else None, port_inputs if ablate is None and grad_ports else None)
+        return Run(logits, writers, ports if grad_ports else None, port_inputs if ablate is None and grad_ports else None)
 
     def _sparse_port_qkv(self, layer: int, resid: Float[Tensor, "kb pos d_model"], ported: Tensor,
                          term: Tensor | None, n_copies: int) -> Float[Tensor, "kb pos three_head d_head"]:
@@ -558,7 +560,7 @@ class FunctionalModel:
         logits = size * n_at * vocab
         per_kind = {
             "run": 2 * n_f * resid + 2 * logits + layer,
-            "grad": self.n_layers * layer + (2 * n_b + 4 * ports) * resid + 3 * logits,
+            "grad": self.n_layers * layer + (2 * n_b + n_f + 4 * ports) * resid + 3 * logits,
             "ablated": (n_f + 5 * ports) * resid + 2 * logits + layer,
             "replaced": (3 * self.n_heads + 8) * resid + 2 * logits + layer,
             "kept": (2 * n_f + n_b) * resid,

@@ -35,8 +35,17 @@ from circuits.config import SCORING_METHODS as METHODS
 from circuits.config import check_ig_steps, check_method
 from circuits.discovery.functional import FunctionalModel
 from circuits.errors import CircuitsError
-from circuits.tasks import Task, at_answer_positions, check_model_fits, metric_per_example
+from circuits.tasks import (
+    METRIC_NAMES,
+    Task,
+    at_answer_positions,
+    check_model_fits,
+    metric_per_example,
+)
 from circuits.timing import phase
+
+# Built-in metrics that read only this run's logits (kl and user metrics also read the clean run's).
+LOGIT_METRICS = tuple(name for name in METRIC_NAMES if name != "kl")
 
 
 def check_scoring(method: str, ig_steps: int) -> None:
@@ -65,17 +74,19 @@ class References:
     of examples) and shared by scoring, faithfulness, node effects and the trust check.
 
     ``positions`` are the positions the metric reads and ``answers`` the task re-indexed to
-    them (``at_answer_positions``); logits are kept there only. ``corrupt_writers`` are the
-    corrupted run's writer outputs (the reference of corrupt ablation and of EAP's deltas);
-    ``clean_writers_sum`` / ``clean_writers_count`` the per-position sums over real rows of the
-    clean outputs, when asked for (mean ablation).
+    them (``at_answer_positions``). ``clean_each`` / ``corrupted_each`` are each example's
+    metric; ``clean_at`` the clean logits there, kept only for a metric that reads them (kl, a
+    user metric). ``corrupt_writers`` are the corrupted run's writer outputs (the reference of
+    corrupt ablation and of EAP's deltas); ``clean_mean`` the clean outputs averaged over the
+    rows real at each position (mean ablation), when asked for.
     """
 
     positions: Int[Tensor, " n_at"]
     answers: Task
-    clean_at: Float[Tensor, "batch n_at vocab"]
-    corrupt_at: Float[Tensor, "batch n_at vocab"]
+    clean_each: Float[Tensor, " batch"]
+    corrupted_each: Float[Tensor, " batch"]
     corrupt_writers: Float[Tensor, "n_forward batch pos d_model"]
+    clean_at: Float[Tensor, "batch n_at vocab"] | None = None
     clean_mean: Float[Tensor, "n_forward batch pos d_model"] | None = None
 
     @classmethod
@@ -85,31 +96,43 @@ class References:
         positions, answers = at_answer_positions(task)
         positions = positions.to(fm.device)
         chunk = fm.budget.plan(fm.cost(task, "run"), task.n_examples).examples
-        clean_at, corrupt_at, corrupt_writers = [], [], []
+        keep_logits = task.metric not in LOGIT_METRICS
+        clean_at, clean_each, corrupted_each = [], [], []
+        corrupt_writers: Tensor | None = None  # filled chunk by chunk: no list of chunks to concatenate
         totals: Tensor | None = None
         for start in range(0, task.n_examples, chunk):
-            sub = task.slice(start, min(start + chunk, task.n_examples))
-            clean = fm.run(sub.clean.to(fm.device), logit_positions=positions, keep_writers=mean)
-            corrupt = fm.run(sub.corrupted.to(fm.device), logit_positions=positions)
-            clean_at.append(clean.logits)
-            corrupt_at.append(corrupt.logits)
-            corrupt_writers.append(corrupt.writers)
+            sub = answers.slice(start, min(start + chunk, task.n_examples))
+            clean = fm.run(task.clean[start : start + sub.n_examples].to(fm.device), logit_positions=positions,
+                           keep_writers=mean)
+            corrupt = fm.run(task.corrupted[start : start + sub.n_examples].to(fm.device), logit_positions=positions)
+            clean_each.append(metric_per_example(clean.logits, sub, clean.logits))
+            corrupted_each.append(metric_per_example(corrupt.logits, sub, clean.logits))
+            if keep_logits:
+                clean_at.append(clean.logits)
+            if corrupt_writers is None:
+                corrupt_writers = corrupt.writers.new_empty((corrupt.writers.shape[0], task.n_examples,
+                                                             *corrupt.writers.shape[2:]))
+            corrupt_writers[:, start : start + sub.n_examples] = corrupt.writers
             if mean:
-                real = sub.real_positions().to(fm.device, fm.dtype)
+                real = task.slice(start, start + sub.n_examples).real_positions().to(fm.device, fm.dtype)
                 part = einops.einsum(clean.writers, real, "w b p d, b p -> w p d")
                 totals = part if totals is None else totals + part
+            del clean, corrupt
+        if corrupt_writers is None:  # unreachable: a task has at least one example
+            raise CircuitsError(f"task {task.name} has no examples")
         clean_mean = None
         if mean and totals is not None:
             count = task.real_positions().to(fm.device, fm.dtype).sum(0).clamp(min=1.0)  # a position no row reaches: 0
             clean_mean = (totals / count[None, :, None])[:, None].expand(-1, task.n_examples, -1, -1)
-        return cls(positions, answers, torch.cat(clean_at), torch.cat(corrupt_at), torch.cat(corrupt_writers, dim=1),
-                   clean_mean)
+        return cls(positions, answers, torch.cat(clean_each), torch.cat(corrupted_each), corrupt_writers,
+                   torch.cat(clean_at) if keep_logits else None, clean_mean)
 
-    def metric(self, logits: Float[Tensor, "batch n_at vocab"], start: int = 0) -> Float[Tensor, " batch"]:
-        """The metric of rows ``start:start+len(logits)`` from their logits at ``positions``
-        (the kl metric against the clean run's)."""
-        stop = start + logits.shape[0]
-        return metric_per_example(logits, self.answers.slice(start, stop), self.clean_at[start:stop])
+    def metric(self, logits: Float[Tensor, "kb n_at vocab"], start: int = 0, copies: int = 1) -> Float[Tensor, " kb"]:
+        """The metric of ``copies`` stacked copies of rows ``start:start + len(logits) / copies``
+        from their logits at ``positions`` (the kl metric against the clean run's)."""
+        stop = start + logits.shape[0] // copies
+        clean_at = None if self.clean_at is None else self.clean_at[start:stop].repeat(copies, 1, 1)
+        return metric_per_example(logits, self.answers.slice(start, stop).repeat(copies), clean_at)
 
 
 def _per_example_scores(delta: Float[Tensor, "n_forward batch pos d_model"], grads: list[Tensor],
@@ -164,24 +187,27 @@ def score_eap_ig(fm: FunctionalModel, task: Task, steps: int = 5, refs: Referenc
     def chunk(sub: Task, start: int, per_forward: int) -> np.ndarray:
         rows = slice(start, start + sub.n_examples)
         tokens = sub.clean.to(fm.device)
-        with torch.no_grad():
-            clean = fm.run(tokens, logit_positions=refs.positions)
-        clean_in, corrupt_in = clean.writers[0], refs.corrupt_writers[0, rows]
+        clean_in, corrupt_in = fm.embed(tokens), refs.corrupt_writers[0, rows]
         sums: list[Tensor] | None = None
+        clean_writers: Tensor | None = None
         for first in range(1, steps + 1, per_forward):
-            ks = torch.arange(first, min(first + per_forward, steps + 1), device=fm.device, dtype=fm.dtype)
-            alphas = (ks / steps)[:, None, None, None]
-            embeds = (corrupt_in[None] + alphas * (clean_in - corrupt_in)[None]).reshape(-1, *clean_in.shape[1:])
+            ks = list(range(first, min(first + per_forward, steps + 1)))
+            # step m is the clean input itself (not corrupt + 1.0 * (clean - corrupt), which may
+            # round): its run gives the clean writer outputs of the deltas, with no extra forward
+            embeds = torch.stack([clean_in if k == steps else corrupt_in + (k / steps) * (clean_in - corrupt_in)
+                                  for k in ks]).reshape(-1, *clean_in.shape[1:])
+            last = ks[-1] == steps
             run = fm.run(tokens.repeat(len(ks), 1), input_embeds=embeds, grad_ports=True,
-                         logit_positions=refs.positions, keep_writers=False)
-            answers, clean_at = refs.answers.slice(rows.start, rows.stop), refs.clean_at[rows]
-            value = metric_per_example(run.logits, answers.repeat(len(ks)), clean_at.repeat(len(ks), 1, 1)).sum()
+                         logit_positions=refs.positions, keep_writers=last)
+            value = refs.metric(run.logits, start, copies=len(ks)).sum()
             grads = [g.view(len(ks), sub.n_examples, *g.shape[1:]).sum(0) for g in fm.port_grads_by_group(run, value)]
             sums = grads if sums is None else [a + b for a, b in zip(sums, grads, strict=True)]
-        if sums is None:  # unreachable: check_ig_steps made steps >= 1, so the loop ran
+            if last:
+                clean_writers = run.writers.detach()[:, -sub.n_examples :]
+        if sums is None or clean_writers is None:  # unreachable: check_ig_steps made steps >= 1, so step m ran
             raise CircuitsError(f"eap-ig ran no interpolation step (steps={steps})")
         with torch.no_grad():
-            return _per_example_scores(refs.corrupt_writers[:, rows] - clean.writers, [g / steps for g in sums], fm)
+            return _per_example_scores(refs.corrupt_writers[:, rows] - clean_writers, [g / steps for g in sums], fm)
 
     return _chunked_scores(fm, task, "grad", steps, chunk)
 
@@ -203,7 +229,7 @@ def score_patching(fm: FunctionalModel, task: Task, refs: References | None = No
 
     refs = refs or References.of(fm, task)
     ablator = Ablator(fm, task, refs.corrupt_writers, refs)
-    base = refs.metric(refs.clean_at)
+    base = refs.clean_each
     scores = np.zeros((task.n_examples, *spec.shape), dtype=np.float32)
     effects = ablator.per_example_of(len(pairs), one_edge_each) - base[None]
     scores[:, pairs[:, 0], pairs[:, 1]] = effects.T.float().cpu().numpy()
@@ -247,9 +273,7 @@ class Ablator:
         run = self.fm.run(tokens, reference=reference, logit_positions=self.refs.positions, keep_writers=False,
                           **switch)
         k, n = block.shape[0], stop - start
-        answers, clean_at = self.refs.answers.slice(start, stop), self.refs.clean_at[start:stop]
-        values = metric_per_example(run.logits, answers.repeat(k), clean_at.repeat(k, 1, 1))
-        return values.view(k, n).double()
+        return self.refs.metric(run.logits, start, copies=k).view(k, n).double()
 
     def per_example_replaced(self, rows: torch.Tensor) -> torch.Tensor:
         """[k, n_forward] writer masks (1 = that writer's output read from ``reference`` by every
