@@ -19,6 +19,8 @@ the result gives our figures over theirs. It is never needed by the tests.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 import os
@@ -150,9 +152,13 @@ def train_checkpoint(size: str, steps: int, seed: int, device: str, cache: Path 
         losses.append(round(float(loss.detach()), 4))
     made = {"recipe": recipe, "train_s": round(time.perf_counter() - t0, 1), "losses": losses,
             "device": device, "torch": torch.__version__}
+    model, optimizer = model.cpu(), None  # the step's child process is measured: free the GPU for it
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
     scratch = Path(tempfile.mkdtemp(prefix=f".{run.name}-", dir=root))  # landed by one rename
     try:
-        model.eval().save_pretrained(scratch / f"step{steps}")
+        with contextlib.redirect_stderr(io.StringIO()):  # transformers' "Writing model shards" bar
+            model.eval().save_pretrained(scratch / f"step{steps}")
         manifest = parse_manifest({"name": run.name, "source": "local", "local": {"path": "."},
                                    "description": f"GPTNeoX shaped as Pythia-{size}, {steps} steps on repeated "
                                                   "random tokens (circuits bench pythia)",
@@ -350,3 +356,26 @@ def bench_pythia(device: str = "cpu", size: str = "160m", train_steps: int | Non
                 | {"phases_s": {k: round(v, 3) for k, v in phases.items()}, "unmarked_s": round(wall - marked, 3)},
         "eap_ig_library": library,
     }
+
+
+def gpu_main(argv: list[str] | None = None) -> None:
+    """``make bench-gpu``: ``bench pythia --device cuda`` at each size given (default 160m 410m
+    1b), one after the other; all results in one JSON file (the first argument)."""
+    import torch
+
+    from circuits.bench import run_benchmark
+
+    out, *sizes = argv if argv is not None else sys.argv[1:]
+    if not torch.cuda.is_available():
+        raise SystemExit("bench-gpu: torch sees no CUDA device (a CUDA build of torch is needed; "
+                         "`make install` pins the CPU one)")
+    results: dict[str, Any] = {}
+    for size in sizes or ["160m", "410m", "1b"]:
+        try:
+            results[size] = run_benchmark("pythia", device="cuda", size=size)
+        except CircuitsError as err:  # one size that fails (memory, time) must not hide the others
+            results[size] = {"error": str(err)}
+        Path(out).write_text(json.dumps(results, indent=1, default=str))
+        step = results[size].get("step", {})
+        print(f"{size}: {step.get('wall_s', float('nan')):.1f} s per step, GPU peak "
+              f"{(step.get('gpu_peak_mb') or float('nan')) / 1024:.2f} GiB", flush=True)
