@@ -135,9 +135,9 @@ def train_checkpoint(size: str, steps: int, seed: int, device: str, cache: Path 
         raise CircuitsError(f"{run}: holds another benchmark checkpoint; remove the folder to train it again")
     root.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    model = GPTNeoXForCausalLM(GPTNeoXConfig(**cast(dict[str, Any], shape)))
+    model: Any = GPTNeoXForCausalLM(GPTNeoXConfig(**cast(dict[str, Any], shape)))
     _set_bag_of_context(model, shape)
-    model = model.to(device).train()
+    model.to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=TRAIN["lr"], weight_decay=0.0)
     generator = torch.Generator().manual_seed(SEED_OFFSET + seed)
     losses, t0 = [], time.perf_counter()
@@ -152,7 +152,8 @@ def train_checkpoint(size: str, steps: int, seed: int, device: str, cache: Path 
         losses.append(round(float(loss.detach()), 4))
     made = {"recipe": recipe, "train_s": round(time.perf_counter() - t0, 1), "losses": losses,
             "device": device, "torch": torch.__version__}
-    model, optimizer = model.cpu(), None  # the step's child process is measured: free the GPU for it
+    del optimizer  # the step's child process is measured: free the GPU for it
+    model.cpu()
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
     scratch = Path(tempfile.mkdtemp(prefix=f".{run.name}-", dir=root))  # landed by one rename
@@ -328,10 +329,10 @@ def bench_pythia(device: str = "cpu", size: str = "160m", train_steps: int | Non
         figures[f"share: {name}"] = figure(100 * share, "%")
     library: dict[str, Any] = {"given": False, "note": "EAP-IG library: not given (--eap-ig-python)"}
     if eap_ig_python is not None:
-        library = {"given": True, "python": eap_ig_python} | _eap_ig_library(eap_ig_python, run, measured["step"],
-                                                                           device, n_examples)
-        if "error" not in library:
-            theirs = {k: float(library[k]) for k in ("eap_s", "eap_ig_s", "peak_rss_mb")}
+        found = _eap_ig_library(eap_ig_python, run, measured["step"], device, n_examples)
+        library = {"given": True, "python": eap_ig_python, **found}
+        if "error" not in found:
+            theirs = {k: float(found[k]) for k in ("eap_s", "eap_ig_s", "peak_rss_mb")}
             ours_score = phases.get("score", float("nan"))
             figures["EAP-IG(5) scoring, ours / library"] = figure(ours_score / theirs["eap_ig_s"], "x", goal=1.0)
             figures["peak RSS, our step / library's EAP-IG"] = figure(measured["peak_rss_mb"] / theirs["peak_rss_mb"],
