@@ -67,3 +67,13 @@ def test_an_unknown_size_is_refused_by_name(tmp_path):
 
     with pytest.raises(CircuitsError, match=r"unknown --size '70m'; expected one of: tiny, 160m, 410m, 1b"):
         bench_pythia(size="70m", cache=str(tmp_path))
+
+
+def test_the_pythia_options_are_refused_for_another_benchmark():
+    from typer.testing import CliRunner
+
+    from circuits import cli
+
+    done = CliRunner().invoke(cli.app, ["bench", "extract", "--size", "410m", "--max-memory", "2GB"])
+    assert done.exit_code != 0
+    assert "--size, --max-memory apply to the pythia benchmark, not to 'extract'" in str(done.exception or done.output)
