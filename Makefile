@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install demo test unit lint bench browser clean
+.PHONY: install demo test unit lint bench bench-gpu browser clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -42,6 +42,13 @@ lint: install
 
 bench: install
 	$(BIN)/circuits bench
+
+# GPU figures (docs/performance.md, "pythia"): `circuits bench pythia --device cuda` at the
+# 160m, 410m and 1b shapes, all results in bench-gpu.json. Needs a CUDA build of torch in
+# $(VENV) (not `install`, which pins the CPU build): pip install torch==2.13.0 --index-url ...
+BENCH_GPU_SIZES ?= 160m 410m 1b
+bench-gpu:
+	$(BIN)/python -c "from circuits.bench.pythia import gpu_main; gpu_main()" bench-gpu.json $(BENCH_GPU_SIZES)
 
 clean:
 	rm -rf $(VENV) .pytest_cache runs studies

@@ -123,12 +123,17 @@ def sweep(
 @app.command()
 def bench(
     name: Annotated[str, typer.Argument(help="Benchmark to run: extract, extract-70m, discover, app, scaling, "
-                                            "formation, or all (every one, side by side)")] = "all",
+                                            "formation, pythia, or all (every one, side by side)")] = "all",
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON only")] = False,
     manifest: Annotated[str | None, typer.Option(help="extract: benchmark this run's checkpoint instead of the built-in model")] = None,
     step: Annotated[int | None, typer.Option(help="extract: step of --manifest (default: its last)")] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
     run: Annotated[str | None, typer.Option(help="scaling, formation: sweep this trained induction run instead of training one")] = None,
+    size: Annotated[str | None, typer.Option(help="pythia: the shape, 160m (default), 410m or 1b")] = None,
+    train_steps: Annotated[int | None, typer.Option(help="pythia: training steps of the cached checkpoint")] = None,
+    eap_ig_python: Annotated[str | None, typer.Option(help="pythia: a Python with TransformerLens 2.x and the EAP-IG "
+                                                           "library, to compare with on the same weights")] = None,
+    max_memory: Annotated[str | None, typer.Option(help="pythia: the sweep's --max-memory for the step")] = None,
 ) -> None:
     """Run a named benchmark, or all of them; print their figures against their goals (a table, or JSON)."""
     import json
@@ -146,6 +151,12 @@ def bench(
         if name not in ("scaling", "formation", "all"):
             raise CircuitsError(f"--run applies to the scaling and formation benchmarks, not to {name!r}")
         options |= {"run": run}
+    pythia = {"size": size, "train_steps": train_steps, "eap_ig_python": eap_ig_python, "max_memory": max_memory}
+    if any(v is not None for v in pythia.values()):
+        if name not in ("pythia", "all"):
+            given = ", ".join(f"--{k.replace('_', '-')}" for k, v in pythia.items() if v is not None)
+            raise CircuitsError(f"{given} apply to the pythia benchmark, not to {name!r}")
+        options |= {k: v for k, v in pythia.items() if v is not None}
     result = run_benchmark(name, **options)
     if as_json:
         typer.echo(json.dumps(result, indent=1, default=str))

@@ -13,6 +13,7 @@ are not. Results go in ``docs/performance.md``.
 - ``app.py``: ``app`` (the Streamlit app, server side, on a synthetic study).
 - ``scaling.py``: ``scaling`` (steps and Ray workers).
 - ``formation.py``: ``formation`` (the formation account's cost on the sweep).
+- ``pythia.py``: ``pythia`` (one sweep step at Pythia's shapes, a trained checkpoint, EAP-IG(5)).
 
 To add one: write ``bench_x(device: str = "cpu", ...) -> dict`` in a module here, returning
 ``{"figures": {"ratio": figure(value, "x", goal=4.0)}, "model": {...}}``, register it below,
@@ -31,13 +32,15 @@ from circuits.bench.common import Benchmark, figure, machine, print_result
 from circuits.bench.discover import discover_figures
 from circuits.bench.extract import bench_extract, bench_extract_70m
 from circuits.bench.formation import bench_formation
+from circuits.bench.pythia import bench_pythia
 from circuits.bench.scaling import bench_scaling
 from circuits.errors import CircuitsError
 
 __all__ = ["BENCHMARKS", "Benchmark", "bench_all", "bench_extract", "bench_scaling", "figure", "machine",
            "print_result", "run_benchmark"]
 
-_OPTIONS_OF = {"extract": ("manifest", "step"), "scaling": ("run",), "formation": ("run",)}
+_OPTIONS_OF = {"extract": ("manifest", "step"), "scaling": ("run",), "formation": ("run",),
+              "pythia": ("size", "train_steps", "eap_ig_python", "max_memory")}
 
 
 def bench_all(device: str = "cpu", **options: Any) -> dict[str, Any]:
@@ -70,6 +73,8 @@ BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in [
               bench_scaling),
     Benchmark("formation", "the sweep with the formation defaults (bootstrap, node effects, trust check) vs the "
               "account off, built-in induction run, EAP-IG(5)", bench_formation),
+    Benchmark("pythia", "one sweep step (EAP-IG(5), induction, load included) of a briefly trained GPTNeoX of "
+              "Pythia's shape (160m; --size 410m, 1b): time, peak RSS, shard bytes, phase shares", bench_pythia),
     Benchmark("all", "every benchmark, one run, figures side by side", bench_all),
 ]}
 
