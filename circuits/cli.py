@@ -123,7 +123,7 @@ def sweep(
 @app.command()
 def bench(
     name: Annotated[str, typer.Argument(help="Benchmark to run: extract, extract-70m, discover, app, scaling, "
-                                            "formation, pythia, or all (every one, side by side)")] = "all",
+                                            "formation, pythia, or all (every one but pythia, side by side)")] = "all",
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON only")] = False,
     manifest: Annotated[str | None, typer.Option(help="extract: benchmark this run's checkpoint instead of the built-in model")] = None,
     step: Annotated[int | None, typer.Option(help="extract: step of --manifest (default: its last)")] = None,

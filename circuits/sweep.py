@@ -34,6 +34,7 @@ from circuits.manifest import Manifest, load_manifest
 from circuits.steps import select_steps, spread_steps
 from circuits.task_files import resolve_task, task_name_of
 from circuits.tasks import Task
+from circuits.timing import phase
 from circuits.visit import (
     Analysis,
     VisitPlan,
@@ -204,7 +205,8 @@ def _prepare(manifest: Manifest, task: str | Path | Task, out: Path, config: Swe
     """
     from circuits.loading import load
 
-    model = load(manifest, probe_step, config.device if reuse_model else "cpu")
+    with phase("load"):
+        model = load(manifest, probe_step, config.device if reuse_model else "cpu")
     task = resolve_task(task, model, config.n_examples, config.seed)
     check_causal(model, manifest)
     hook_names = resolve_hooks(model, config.hooks)
