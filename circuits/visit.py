@@ -2,7 +2,7 @@
 
 Loading a checkpoint is the expensive part (for Pythia, a download per step), so a sweep
 loads each step once and ``visit_step`` does all the work on it: clean and corrupted prompts
-batch by batch (attention patterns, chosen activations, answer logits, loss, metric), then
+batch by batch (attention patterns, chosen activations, lean answer logits, loss, metric), then
 every analysis. An analysis is a function
 
     analysis(ctx: VisitContext) -> dict[str, np.ndarray | float | int]
