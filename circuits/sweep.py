@@ -130,9 +130,9 @@ def sweep(
     ``config`` holds the sweep's settings; ``settings`` replace some of them by name
     (``sweep(run, "induction", out, steps="first:3", method="eap")``). Every setting is
     checked before anything is loaded or written. Resumable: complete shards are skipped; a
-    study made with another manifest, task, prompts, hooks, dtype or ``keep_logits`` is refused. Returns the
-    opened Study. ``analyses=None`` runs the built-in ones (``builtin_analyses(method)``);
-    pass ``()`` for none.
+    study made with another manifest, task, prompts, hooks, dtype or ``keep_logits`` is
+    refused. Returns the opened Study. ``analyses=None`` runs the built-in ones
+    (``builtin_analyses(method)``); pass ``()`` for none.
 
     ``task`` is a built-in task's name, a task file (``PATH.jsonl`` or ``PATH.csv``, read with
     the model's tokenizer: ``circuits.task_files``) or a ``Task``.

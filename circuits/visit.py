@@ -144,9 +144,10 @@ def visit_step(model, plan: VisitPlan, step: int, shard: store.ShardWriter) -> S
 
     Clean and corrupted prompts run batch by batch: the clean run caches attention patterns
     (all layers and heads) and ``plan.hooks``; both runs give the per-example loss and metric
-    and the lean answer logits (all of them with ``plan.keep_logits``: :func:`outputs`). Then every analysis gets a VisitContext and its dict lands under
-    ``/{name}/{key}``. For right-padded prompts the stored patterns and activations hold
-    padding beyond each row's length, which the shard gives as ``task/lengths``.
+    and the lean answer logits (all of them with ``plan.keep_logits``: :func:`outputs`). Then
+    every analysis gets a VisitContext and its dict lands under ``/{name}/{key}``. For
+    right-padded prompts the stored patterns and activations hold padding beyond each row's
+    length, which the shard gives as ``task/lengths``.
     """
     task, batch_size, device = plan.task, plan.batch_size, plan.device
     shard.write_static({f"task/{k}": v for k, v in store.task_arrays(task).items()})
