@@ -101,7 +101,7 @@ def sweep(
     trust_max_edges: Annotated[int, typer.Option(help="... only where the graph has at most this many edges (exact patching costs ~1 forward per edge)")] = 2000,
     node_effects: Annotated[str, typer.Option(help="Each node's contribution: exact (one ablated forward per writer), attribution (sum of its edge scores) or auto (exact up to 64 writers)")] = "auto",
     max_memory: Annotated[str | None, typer.Option(help="Working memory of circuit discovery per step, e.g. 2GB or 800MB; computations are chunked to fit, with the same results [default: min(2 GiB, half the available memory)]")] = None,
-    keep_logits: Annotated[bool, typer.Option("--keep-logits", help="Store full-vocabulary logits at the answer positions (the kl metric and user metrics read them); default: the answer and wrong tokens' logits, log-sum-exp and mean logit only")] = False,
+    keep_logits: Annotated[bool, typer.Option("--keep-logits", help="Also store full-vocabulary logits at the answer positions (to recompute kl or a user metric later; every metric is computed in the sweep either way); default: the correct and wrong tokens' logits, log-sum-exp and mean logit only")] = False,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar")] = False,
     executor: Annotated[str, typer.Option(help="Where steps run: local (this process) or ray (one task per step; docs/scaling.md)")] = "local",
     workers: Annotated[int | None, typer.Option(help="ray: steps in flight at once (default: the cluster's CPUs, or GPUs with --device cuda)")] = None,

@@ -156,6 +156,8 @@ class SweepConfig:
         """Refuse a wrong value with one line naming the option (cheap: no model, no Ray)."""
         if self.dtype not in DTYPES:
             raise CircuitsError(f"--dtype {self.dtype!r}: expected one of {', '.join(DTYPES)}")
+        if not isinstance(self.keep_logits, bool):
+            raise CircuitsError(f"--keep-logits {self.keep_logits!r}: expected True or False")
         if not _whole(self.batch_size, at_least=1):
             raise CircuitsError(f"--batch-size {self.batch_size!r}: must be an integer of at least 1")
         if self.n_examples is not None and not _whole(self.n_examples, at_least=1):

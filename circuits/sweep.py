@@ -131,9 +131,9 @@ def sweep(
     ``config`` holds the sweep's settings; ``settings`` replace some of them by name
     (``sweep(run, "induction", out, steps="first:3", method="eap")``). Every setting is
     checked before anything is loaded or written. Resumable: complete shards are skipped; a
-    study made with another manifest, task, prompts, hooks or dtype is refused. Returns the
-    opened Study. ``analyses=None`` runs the built-in ones (``builtin_analyses(method)``);
-    pass ``()`` for none.
+    study made with another manifest, task, prompts, hooks, dtype or ``keep_logits`` is
+    refused. Returns the opened Study. ``analyses=None`` runs the built-in ones
+    (``builtin_analyses(method)``); pass ``()`` for none.
 
     ``task`` is a built-in task's name, a task file (``PATH.jsonl`` or ``PATH.csv``, read with
     the model's tokenizer: ``circuits.task_files``) or a ``Task``.
@@ -161,6 +161,9 @@ def sweep(
         made_by = existing["task"].get("options", {}).get("file") or existing["task"]["name"]  # a task file: its path
         _refuse_mismatch(out, existing, "task", task_name, existing["task"]["name"], f"use --task {made_by}")
         _refuse_mismatch(out, existing, "dtype", config.dtype, existing["dtype"], f"use --dtype {existing['dtype']}")
+        # Shards of one study hold the same datasets: the index stacks them, readers expect them.
+        _refuse_mismatch(out, existing, "--keep-logits", config.keep_logits, existing["keep_logits"],
+                         "add --keep-logits" if existing["keep_logits"] else "leave out --keep-logits")
     landed = _landed_shards(out, selected)
     pending = [s for s in selected if s not in landed.done]
 
@@ -221,7 +224,7 @@ def _prepare(manifest: Manifest, task: str | Path | Task, out: Path, config: Swe
     index_provenance = {k: v for k, v in record.items() if k != "task"}
     plan = VisitPlan(manifest=manifest, task=task, hooks=hook_names, dtype=config.dtype,
                      batch_size=config.batch_size, device=config.device, analyses=analyses,
-                     options=config.analysis_options() | {"trust_at": trust_at})
+                     options=config.analysis_options() | {"trust_at": trust_at}, keep_logits=config.keep_logits)
     spec = StepSpec(plan=plan, out=out, record=step_record(record), fault=faults.current())
     return _Prepared(spec, index_provenance, model if reuse_model else None)
 
@@ -288,6 +291,7 @@ def study_record(manifest: Manifest, task: Task, model, config: SweepConfig, hoo
         "hook_filter": hook_filter or DEFAULT_HOOKS,
         "hooks": hook_names,
         "dtype": config.dtype,
+        "keep_logits": config.keep_logits,
         "compression": store.COMPRESSION_NAME,
         "options": config.analysis_options(),
         "versions": library_versions(),

@@ -385,6 +385,89 @@ def loss_at_answers(at: Float[Tensor, "batch n_ans vocab"], task: Task) -> Float
     return -_masked_mean(logprob, answer_mask(task).to(at.device))
 
 
+# ---------------------------------------------------------------- lean answer logits
+# A shard keeps, at each answer slot, only what the built-in metrics read: the logits of the
+# correct and wrong tokens, the log-sum-exp and the mean over the vocabulary. Full-vocabulary
+# logits were ~80% of a Pythia-160m shard (docs/storage.md). From these every built-in metric
+# but two comes back: kl needs both runs' whole distributions, and logit_diff_max without
+# ``wrong`` the largest logit outside the correct set; user metrics read the whole vocabulary.
+
+
+@dataclass(frozen=True)
+class LeanLogits:
+    """What a lean shard keeps of one run's answer logits (``outputs/*_{clean,corrupted}``).
+
+    NaN marks what is not an answer: a set entry that is ``PAD``, and every value of a padded
+    slot (one whose correct tokens are all ``PAD``).
+    """
+
+    correct: Float[Tensor, "batch n_ans k"]
+    lse: Float[Tensor, "batch n_ans"]  # log-sum-exp of the logits over the vocabulary
+    mean_logit: Float[Tensor, "batch n_ans"]  # mean logit over the vocabulary
+    wrong: Float[Tensor, "batch n_ans k2"] | None = None  # only when the task has wrong answers
+
+
+def lean_logits(at: Float[Tensor, "batch n_ans vocab"], task: Task) -> LeanLogits:
+    """The lean arrays of answer logits ``at`` (as ``answer_logits`` gives them), same dtype."""
+    slots = answer_mask(task).to(at.device)
+
+    def tokens_of(ids: Tensor) -> Tensor:
+        values, _ = _gather(at, ids)
+        real = (answer_sets(ids) != PAD).to(at.device) & slots[..., None]
+        return values.masked_fill(~real, float("nan"))
+
+    wrong = None if task.wrong is None else tokens_of(task.wrong)
+    return LeanLogits(correct=tokens_of(task.correct), lse=at.logsumexp(-1).masked_fill(~slots, float("nan")),
+                      mean_logit=at.mean(-1).masked_fill(~slots, float("nan")), wrong=wrong)
+
+
+def lean_metric(lean: LeanLogits, task: Task) -> Float[Tensor, " batch"]:
+    """``task``'s metric per example recomputed from lean arrays (``metric_per_example`` on the
+    full logits gives the same, up to the arrays' dtype); refuses metrics they cannot give."""
+    name = task.metric_name
+    if name not in METRIC_NAMES or name == "kl" or (name == "logit_diff_max" and task.wrong is None):
+        why = ("the largest logit outside the correct set" if name == "logit_diff_max"
+               else "the whole vocabulary's logits")
+        raise CircuitsError(f"task {task.name}: metric {name!r} reads {why}, which lean shards do not keep; sweep "
+                            "with --keep-logits and compute it from outputs/logits_clean and outputs/logits_corrupted")
+    if (task.wrong is None) != (lean.wrong is None):
+        raise CircuitsError(f"task {task.name}: the lean arrays {'lack' if lean.wrong is None else 'have'} wrong "
+                            "logits, the task " + ("has wrong answers" if task.wrong is not None else "has none"))
+    correct, real = _lean_set(lean.correct, task.correct)
+    wrong_sets = None if lean.wrong is None or task.wrong is None else _lean_set(lean.wrong, task.wrong)
+    lse = lean.lse.float()[..., None]
+    if name in ("logit_diff", "logit_diff_max"):
+        if wrong_sets is None:
+            slot = _masked_mean(correct, real) - lean.mean_logit.float()
+        else:
+            slot = _masked_mean(correct, real) - (_masked_mean if name == "logit_diff" else _set_max)(*wrong_sets)
+    elif name == "logprob":
+        slot = _lean_logprob(correct, real, lse)
+    else:  # prob_diff
+        slot = _set_sum((correct - lse).exp(), real)
+        if wrong_sets is not None:
+            slot = slot - _set_sum((wrong_sets[0] - lse).exp(), wrong_sets[1])
+    return _masked_mean(slot, answer_mask(task).to(slot.device))
+
+
+def lean_loss(lean: LeanLogits, task: Task) -> Float[Tensor, " batch"]:
+    """The answer loss per example (as ``loss_at_answers``) from the correct logits and the lse."""
+    correct, real = _lean_set(lean.correct, task.correct)
+    logprob = _lean_logprob(correct, real, lean.lse.float()[..., None])
+    return -_masked_mean(logprob, answer_mask(task).to(logprob.device))
+
+
+def _lean_set(values: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:
+    """Stored set values as float32, and which entries are tokens (the task's sets, not the NaNs)."""
+    real = (answer_sets(ids) != PAD).to(values.device)
+    return values.float().nan_to_num(0.0), real  # padding reads 0, then is masked: no NaN leaks
+
+
+def _lean_logprob(correct: Tensor, real: Tensor, lse: Tensor) -> Tensor:
+    """log sum_c p(c) per slot: log p(c) = logit(c) - lse."""
+    return (correct - lse).masked_fill(~real, float("-inf")).logsumexp(-1)
+
+
 # ---------------------------------------------------------------- built-in tasks
 
 

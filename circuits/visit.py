@@ -2,7 +2,7 @@
 
 Loading a checkpoint is the expensive part (for Pythia, a download per step), so a sweep
 loads each step once and ``visit_step`` does all the work on it: clean and corrupted prompts
-batch by batch (attention patterns, chosen activations, answer logits, loss, metric), then
+batch by batch (attention patterns, chosen activations, lean answer logits, loss, metric), then
 every analysis. An analysis is a function
 
     analysis(ctx: VisitContext) -> dict[str, np.ndarray | float | int]
@@ -35,6 +35,7 @@ from circuits.tasks import (
     Task,
     answer_logits,
     at_answer_positions,
+    lean_logits,
     loss_at_answers,
     metric_per_example,
 )
@@ -76,6 +77,7 @@ class VisitPlan:
     device: str = "cpu"
     analyses: tuple[tuple[str, Analysis], ...] = ()
     options: dict[str, Any] = field(default_factory=dict)
+    keep_logits: bool = False  # also store full-vocabulary answer logits (outputs/logits_*)
 
 
 @dataclass(frozen=True)
@@ -141,10 +143,11 @@ def visit_step(model, plan: VisitPlan, step: int, shard: store.ShardWriter) -> S
     """Everything done with one loaded checkpoint; writes go to ``shard`` (not yet finished).
 
     Clean and corrupted prompts run batch by batch: the clean run caches attention patterns
-    (all layers and heads) and ``plan.hooks``; both runs give the answer logits, per-example
-    loss and metric. Then every analysis gets a VisitContext and its dict lands under
-    ``/{name}/{key}``. For right-padded prompts the stored patterns and activations hold
-    padding beyond each row's length, which the shard gives as ``task/lengths``.
+    (all layers and heads) and ``plan.hooks``; both runs give the per-example loss and metric
+    and the lean answer logits (all of them with ``plan.keep_logits``: :func:`outputs`). Then
+    every analysis gets a VisitContext and its dict lands under ``/{name}/{key}``. For
+    right-padded prompts the stored patterns and activations hold padding beyond each row's
+    length, which the shard gives as ``task/lengths``.
     """
     task, batch_size, device = plan.task, plan.batch_size, plan.device
     shard.write_static({f"task/{k}": v for k, v in store.task_arrays(task).items()})
@@ -160,7 +163,8 @@ def visit_step(model, plan: VisitPlan, step: int, shard: store.ShardWriter) -> S
             with phase("forward"):
                 logits_corrupt = forward_at(model, sub.corrupted.to(device), positions)
             with phase("extract"):
-                answers = outputs(logits_clean, logits_corrupt, at_answers)
+                answers = outputs(logits_clean, logits_corrupt, at_answers, TORCH_DTYPES[plan.dtype],
+                                  keep_logits=plan.keep_logits)
         arrays |= {f"outputs/{k}": v for k, v in answers.items()}
         shard.write_batch(start, arrays)
         for key in sums:
@@ -255,9 +259,13 @@ def _numpy(tensor: Tensor, dtype: torch.dtype) -> np.ndarray:
 
 
 def outputs(logits_clean: Float[Tensor, "batch n_at vocab"], logits_corrupt: Float[Tensor, "batch n_at vocab"],
-            task: Task) -> dict[str, np.ndarray]:
-    """Answer logits, metric and answer loss per example, float32, for both runs.
+            task: Task, dtype: torch.dtype = torch.float16, keep_logits: bool = False) -> dict[str, np.ndarray]:
+    """Metric and answer loss per example (float32), and the lean answer logits (``dtype``),
+    for both runs; with ``keep_logits`` also the full-vocabulary answer logits (``dtype``).
 
+    Metric and loss come from the full logits here, whatever is stored: the kl metric and
+    user metrics are as exact on a lean shard. The lean arrays (``tasks.lean_logits``) hold
+    what the other built-in metrics read, so ``tasks.lean_metric`` recomputes them later.
     Both read the answer positions only, which are real tokens in every row: right padding
     never enters them (``Task.lengths``). The loss is minus the log-probability of the
     correct answer(s), averaged over each example's real answer slots.
@@ -267,9 +275,14 @@ def outputs(logits_clean: Float[Tensor, "batch n_at vocab"], logits_corrupt: Flo
         at = answer_logits(logits, task).float()
         loss = loss_at_answers(at, task)
         metric = metric_per_example(logits.float(), task, clean_logits=logits_clean.float())
-        out[f"logits_{label}"] = at.cpu().numpy()
         out[f"metric_{label}"] = metric.cpu().numpy().astype(np.float32)
         out[f"loss_{label}"] = loss.cpu().numpy().astype(np.float32)
+        lean = lean_logits(at, task)  # from float32: one rounding to ``dtype``, at the end
+        arrays = {"correct_logits": lean.correct, "wrong_logits": lean.wrong, "lse": lean.lse,
+                  "mean_logit": lean.mean_logit}
+        if keep_logits:
+            arrays[store.FULL_LOGITS_KEY] = at
+        out |= {f"{key}_{label}": _numpy(value, dtype) for key, value in arrays.items() if value is not None}
     return out
 
 
@@ -339,6 +352,7 @@ def shard_provenance(record: dict[str, Any], plan: VisitPlan, step: int) -> dict
         "hook_filter": record["hook_filter"],
         "hooks": record["hooks"],
         "dtype": record["dtype"],
+        "keep_logits": plan.keep_logits,
         "options": {k: v for k, v in plan.options.items() if k not in SELECTION_OPTIONS},
         "versions": library_versions(),
         "batch_size": plan.batch_size,

@@ -464,7 +464,7 @@ def older_study(app_study, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("older") / "study"
     shutil.copytree(app_study, out)
     record = json.loads((out / "study.json").read_text())
-    record["format"] = "circuits-study/2"
+    record["format"] = "circuits-study/4"
     (out / "study.json").write_text(json.dumps(record))
     return out
 
@@ -475,7 +475,7 @@ def test_older_study_gets_the_librarys_line(older_study, page):
     assert_clean(at)
     assert len(at.error) == 1
     message = _plain(at.error[0].value)
-    assert "a study of another circuits version (format 'circuits-study/2'" in message
+    assert "a study of another circuits version (format 'circuits-study/4'" in message
     assert "sweep again into a new folder" in message
 
 

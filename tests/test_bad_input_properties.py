@@ -200,13 +200,13 @@ def studies(induction_run, tmp_path_factory):
 
 
 SHARD_ATTRS = ["complete", "format", "step", "tokens_seen", "provenance"]
-DATASETS = ["patterns", "outputs/metric_clean", "outputs/logits_clean", "heads/induction", "task/clean",
+DATASETS = ["patterns", "outputs/metric_clean", "outputs/correct_logits_clean", "heads/induction", "task/clean",
             "activations/blocks.0.hook_resid_post"]
 WRONG_VALUES = (st.text(max_size=8).filter(lambda t: "\x00" not in t) | st.floats(allow_nan=True)
                 | st.binary(max_size=8).filter(lambda b: b"\x00" not in b)
                 | st.lists(st.integers(0, 3), min_size=2, max_size=3).map(np.asarray)
                 | st.sampled_from([np.float64(1.5), np.array([True, True]), "{}", "[]", "null", b"\x80\x03"]))
-RECORD_FIELDS = ["format", "manifest", "dtype", "hooks", "task", "task.name", "task.prompt_hash",
+RECORD_FIELDS = ["format", "manifest", "dtype", "keep_logits", "hooks", "task", "task.name", "task.prompt_hash",
                  "task.n_examples", "task.seq_len", "task.arrays", "task.arrays.clean", "model", "model.n_layers",
                  "model.n_heads"]
 

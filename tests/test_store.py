@@ -46,7 +46,7 @@ def make_study(root: Path, steps=(0, 10, 20)) -> Path:
         "format": store.STUDY_FORMAT, "manifest": "name: x\n", "task": task_record(task),
         "model": {"n_layers": LAYERS, "n_heads": HEADS,
                   "graph": {"n_layers": LAYERS, "n_heads": HEADS, "has_mlp": False, "parallel_attn_mlp": False}},
-        "hooks": [], "dtype": "float16",
+        "hooks": [], "dtype": "float16", "keep_logits": False,
     })
     with store.BackgroundWriter() as writer:
         for step in steps:
@@ -185,15 +185,15 @@ def test_a_flipped_bit_in_a_shard_is_a_corrupted_shard_error_not_a_wrong_number(
 def test_a_study_of_an_older_format_is_refused_with_a_hint_to_sweep_again(tmp_path):
     root = make_study(tmp_path)
     record = json.loads((root / store.STUDY_FILE).read_text())
-    (root / store.STUDY_FILE).write_text(json.dumps(record | {"format": "circuits-study/1"}))
-    with pytest.raises(CircuitsError, match=r"another circuits version \(format 'circuits-study/1'.*sweep again"):
+    (root / store.STUDY_FILE).write_text(json.dumps(record | {"format": "circuits-study/4"}))
+    with pytest.raises(CircuitsError, match=r"another circuits version \(format 'circuits-study/4'.*sweep again"):
         store.open_study(root)
 
 
 def test_a_shard_of_an_older_format_is_a_problem_not_a_step(tmp_path):
     root = make_study(tmp_path)
     with h5py.File(root / store.SHARD_DIR / store.shard_name(20), "r+") as f:
-        f.attrs["format"] = "circuits-shard/1"
+        f.attrs["format"] = "circuits-shard/4"
     study = store.open_study(root)
     assert study.steps == [0, 10] and "another circuits version" in study.problems[20]
 

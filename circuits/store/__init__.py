@@ -20,9 +20,12 @@ Tests reach into the failure paths through ``circuits.faults``.
 
 from circuits.store.format import (
     COMPRESSION_NAME,
+    FULL_LOGITS_KEY,
     INDEX_FILE,
     INDEX_FORMAT,
+    LEAN_KEYS,
     OUTPUT_KEYS,
+    OUTPUT_RUNS,
     PATTERN_LAYOUT,
     PATTERNS,
     RESERVED,
@@ -53,7 +56,8 @@ from circuits.store.writer import BackgroundWriter, ShardWriter
 
 __all__ = [
     "Layout",
-    "COMPRESSION_NAME", "INDEX_FILE", "INDEX_FORMAT", "OUTPUT_KEYS", "PATTERN_LAYOUT", "PATTERNS", "RESERVED",
+    "COMPRESSION_NAME", "FULL_LOGITS_KEY", "INDEX_FILE", "INDEX_FORMAT", "LEAN_KEYS", "OUTPUT_KEYS",
+    "OUTPUT_RUNS", "PATTERN_LAYOUT", "PATTERNS", "RESERVED",
     "SHARD_DIR", "SHARD_FORMAT", "SHARD_RE", "STUDY_FILE", "STUDY_FORMAT",
     "lower_triangle", "pack_patterns", "positions_of", "shard_name", "triangle_size", "unpack_patterns",
     "check_shard", "clean_stale_temporaries", "open_shard", "scan_shards", "shard_layouts", "write_index",

@@ -18,14 +18,18 @@ import numpy as np
 from circuits import chunks
 from circuits.errors import first_line
 
+# /5: lean outputs: at each answer slot the correct and wrong tokens' logits, the log-sum-exp
+# and the mean logit, in the study's dtype (outputs/correct_logits_*, wrong_logits_*, lse_*,
+# mean_logit_*); full-vocabulary logits (outputs/logits_*) only with --keep-logits, recorded
+# as keep_logits in study.json and each shard's provenance.
 # /4: the study records its graph spec (model.graph), read back instead of guessed from the
 # architecture name, and each step stores its nodes' contributions (circuit/node_effects).
 # /3: each step's circuit carries its bootstrap (circuit/score_se, inclusion, resample_jaccard,
 # stable, stable_faithfulness) and the study records the settings behind it.
 # /2: attention patterns stored as their lower triangle (format /1 held the full square).
-SHARD_FORMAT = "circuits-shard/4"
-STUDY_FORMAT = "circuits-study/4"
-INDEX_FORMAT = "circuits-index/4"
+SHARD_FORMAT = "circuits-shard/5"
+STUDY_FORMAT = "circuits-study/5"
+INDEX_FORMAT = "circuits-index/5"
 STUDY_FILE = "study.json"
 INDEX_FILE = "index.h5"
 SHARD_DIR = "shards"
@@ -35,7 +39,16 @@ TMP_RE = re.compile(r"^\.(step\d{8}\.h5|index\.h5)\.tmp-(\d+)$")
 RESERVED = ("patterns", "activations", "outputs", "task")
 PATTERNS = "patterns"  # [example, layer, head, q*(q+1)/2 + k]: the causal lower triangle, row by row
 PATTERN_LAYOUT = "lower triangle of [query, key] row by row: [q, k] (k <= q) at q*(q+1)/2 + k; [q, k > q] is 0"
-OUTPUT_KEYS = ("logits_clean", "logits_corrupted", "metric_clean", "metric_corrupted", "loss_clean", "loss_corrupted")
+# outputs/{key}_{run} for run in OUTPUT_RUNS. Per example, float32 whatever the study's dtype
+# (tracking reads them; a few bytes per prompt):
+OUTPUT_RUNS = ("clean", "corrupted")
+OUTPUT_KEYS = ("metric_clean", "metric_corrupted", "loss_clean", "loss_corrupted")
+# Per answer slot, in the study's dtype (circuits.tasks.LeanLogits): correct_logits and
+# wrong_logits [example, n_answers, k] (NaN where a set entry is padding; wrong_logits only when
+# the task has wrong answers), lse and mean_logit [example, n_answers].
+LEAN_KEYS = ("correct_logits", "wrong_logits", "lse", "mean_logit")
+# [example, n_answers, vocab] in the study's dtype, only with --keep-logits.
+FULL_LOGITS_KEY = "logits"
 
 # Measured in docs/performance.md (float16 patterns + residuals + head outputs, 64 x 128
 # tokens, 2-layer d128): byte shuffle then zstd-1 stores patterns (their triangles) at ~0.22

@@ -57,6 +57,9 @@ def _check_record(data: dict[str, Any], path: Path) -> None:
         if not isinstance(value, kind) or isinstance(value, bool) or (positive and value < 1):
             raise CircuitsError(f"{path}: damaged study description, field {field!r} is {short_repr(value)}, "
                                 f"expected {'a positive ' if positive else 'a '}{kind.__name__}")
+    if not isinstance(data.get("keep_logits"), bool):  # a resumed sweep compares it with its own setting
+        raise CircuitsError(f"{path}: damaged study description, field 'keep_logits' is "
+                            f"{short_repr(data.get('keep_logits'))}, expected true or false")
     if not all(isinstance(h, str) for h in data["hooks"]):
         raise CircuitsError(f"{path}: damaged study description, field 'hooks' must list hook names")
 

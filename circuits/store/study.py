@@ -18,6 +18,7 @@ import numpy as np
 from circuits.errors import CircuitsError
 from circuits.graph import GraphSpec
 from circuits.store.format import (
+    OUTPUT_RUNS,
     PATTERNS,
     STUDY_FILE,
     cause,
@@ -32,7 +33,7 @@ if TYPE_CHECKING:  # they import torch, yaml or networkx: opening a study must n
     import networkx as nx
 
     from circuits.manifest import Manifest
-    from circuits.tasks import Task
+    from circuits.tasks import LeanLogits, Task
 
 
 def _max_open(wanted: int) -> int:
@@ -323,6 +324,26 @@ class Study:
 
     def loss_corrupted(self, per_example: bool = False) -> np.ndarray:
         return self._mean("loss_corrupted", per_example)
+
+    def lean_logits(self, step: int, run: str = "clean") -> LeanLogits:
+        """The lean answer logits of one run at one step, as stored (``tasks.lean_metric`` and
+        ``tasks.lean_loss`` recompute the metric and loss from them)."""
+        import torch
+
+        from circuits.tasks import LeanLogits
+
+        if run not in OUTPUT_RUNS:
+            raise CircuitsError(f"study {self.path}: run {run!r} does not exist (valid: {', '.join(OUTPUT_RUNS)})")
+        f = self._shard(step)
+
+        def read(key: str) -> torch.Tensor | None:
+            name = f"outputs/{key}_{run}"
+            return torch.from_numpy(self._read(step, name)) if name in f else None
+
+        correct, lse, mean_logit = (read(k) for k in ("correct_logits", "lse", "mean_logit"))
+        if correct is None or lse is None or mean_logit is None:
+            raise CircuitsError(f"study {self.path}: step {step} holds no lean answer logits ({run})")
+        return LeanLogits(correct=correct, lse=lse, mean_logit=mean_logit, wrong=read("wrong_logits"))
 
     def circuit(self, step: int, **kwargs: Any) -> nx.DiGraph:
         """The circuit found at ``step`` as a networkx DiGraph (see circuits.graph)."""
