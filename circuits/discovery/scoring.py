@@ -269,9 +269,8 @@ class Ablator:
     def _metrics(self, block: torch.Tensor, start: int, stop: int, replace: bool) -> torch.Tensor:
         tokens = self.task.clean[start:stop].to(self.fm.device)
         reference = self.reference[:, start:stop]
-        switch = {"replace": block} if replace else {"ablate": block}
         run = self.fm.run(tokens, reference=reference, logit_positions=self.refs.positions, keep_writers=False,
-                          **switch)
+                          ablate=None if replace else block, replace=block if replace else None)
         k, n = block.shape[0], stop - start
         return self.refs.metric(run.logits, start, copies=k).view(k, n).double()
 
