@@ -108,13 +108,14 @@ def test_chunked_edge_scores_equal_unchunked(neox, method):
 
 
 @pytest.mark.parametrize("ablation", ["corrupt", "mean"])
-def test_chunked_faithfulness_equals_unchunked(neox, ablation):
+def test_chunked_ablated_metrics_equal_unchunked(neox, ablation):
     whole, tight = _models(neox)
     task = _task()
     rng = np.random.default_rng(0)
     circuits = rng.random((5, *whole.spec.shape)) < 0.5
-    got = Evaluator(tight, task, ablation, gap_z=0.0).faithfulness(circuits)
-    _close(got, Evaluator(whole, task, ablation, gap_z=0.0).faithfulness(circuits))
+    # the metrics with everything outside each circuit ablated (faithfulness divides them by the gap)
+    got = Evaluator(tight, task, ablation, gap_z=0.0).metrics(circuits)
+    _close(got, Evaluator(whole, task, ablation, gap_z=0.0).metrics(circuits))
 
 
 def test_chunked_node_effects_equal_unchunked(neox):
@@ -130,7 +131,7 @@ def test_a_chunked_discovery_finds_the_same_circuit(neox):
     theirs = discover(whole, task, method="eap-ig", ig_steps=3, gap_z=0.0, resamples=4, node_effects="exact")
     # (their tried sizes go further up the grid: one forward evaluated all of it at once)
     assert (ours.in_circuit == theirs.in_circuit).all() and ours.size == theirs.size
-    assert ours.faithfulness == pytest.approx(theirs.faithfulness, abs=1e-6)
+    assert ours.faithfulness == pytest.approx(theirs.faithfulness, rel=1e-5)  # a ratio: float32 rounding over the gap
     _close(ours.scores, theirs.scores)
     _close(ours.node_effects, theirs.node_effects)
 
@@ -200,7 +201,7 @@ def test_a_small_budget_bounds_the_peak_memory_of_a_discovery_the_unbounded_code
     GPTNeoXForCausalLM(config).eval().save_pretrained(tmp_path)
     unbounded, bounded = _peak_rise(tmp_path, "1000GB"), _peak_rise(tmp_path, "64MiB")
     unbounded_rise, bounded_rise = unbounded["peak"] - unbounded["before"], bounded["peak"] - bounded["before"]
-    bound = 64 + bounded["kept"] + 64  # + per-example scores, the bootstrap, what the allocator holds on to
+    bound = 64 + bounded["kept"] + 96  # + per-example scores, the bootstrap, what the allocator holds on to
     assert unbounded_rise > 2 * bound, unbounded
     assert bounded_rise < bound, bounded
     assert bounded["edges"] == unbounded["edges"]

@@ -66,7 +66,8 @@ def main() -> None:
 
     args = json.loads(sys.argv[1])
     device = args["device"]
-    prompts = torch.load(args["prompts"])
+    with open(args["prompts"]) as f:  # token ids as JSON lists
+        prompts = {key: torch.tensor(value) for key, value in json.load(f).items()}
     model = _hooked(args["hf_folder"], device)
 
     def tokenize_plus(model, inputs, max_length=None):  # the prompts are ids already

@@ -277,16 +277,15 @@ def _run_json(command: list[str], what: str, timeout: float | None = None) -> di
 def _eap_ig_library(python: str, run: Path, step: int, device: str, n_examples: int) -> dict[str, Any]:
     """EAP and EAP-IG(5) of the EAP-IG library (``python``'s environment) on the same weights
     and prompts, in its own process: its seconds and peak RSS, or the error it gave."""
-    import torch
 
     from circuits.tasks import induction_task
 
     vocab = json.loads((run / f"step{step}" / "config.json").read_text())["vocab_size"]
     task = induction_task(n_examples, half_len=HALF_LEN, vocab=vocab)
     with tempfile.TemporaryDirectory(prefix="circuits-bench-eap-ig-") as tmp:
-        prompts = Path(tmp) / "prompts.pt"
-        torch.save({"clean": task.clean, "corrupted": task.corrupted, "answer_pos": task.answer_pos,
-                    "correct": task.correct}, prompts)
+        prompts = Path(tmp) / "prompts.json"  # plain token ids: nothing the driver loads can run code
+        prompts.write_text(json.dumps({"clean": task.clean.tolist(), "corrupted": task.corrupted.tolist(),
+                                       "answer_pos": task.answer_pos.tolist(), "correct": task.correct.tolist()}))
         args = {"hf_folder": str(run / f"step{step}"), "prompts": str(prompts), "device": device, "ig_steps": 5}
         try:
             return _run_json([python, str(DRIVER), json.dumps(args)], "the EAP-IG library driver", timeout=3600)

@@ -253,16 +253,17 @@ class FunctionalModel:
         b_V = _per_query_head(_zeros_if_none(_weight(model, "b_V"), (self.n_layers, n_kv, self.d_head), self.W_QKV), H)
         self.b_QKV = torch.cat([b_Q, b_K, b_V], dim=1)
         if self.has_mlp:
-            self.W_in, self.W_out = model.W_in.detach(), model.W_out.detach()
-            d_mlp, d_model = self.W_in.shape[-1], self.W_out.shape[-1]
-            self.b_in = _zeros_if_none(_weight(model, "b_in"), (self.n_layers, d_mlp), self.W_in)
-            self.b_out = _zeros_if_none(_weight(model, "b_out"), (self.n_layers, d_model), self.W_in)
+            # per layer, views of the bridge's own weights: a stacked copy would add d_model x
+            # d_mlp x 2 floats per layer (0.8 GB at Pythia-410m) to every step
+            self.W_in, self.W_out = _layer_weights(model, "W_in"), _layer_weights(model, "W_out")
+            d_mlp, d_model = self.W_in[0].shape[-1], self.W_out[0].shape[-1]
+            self.b_in = _zeros_if_none(_weight(model, "b_in"), (self.n_layers, d_mlp), self.W_in[0])
+            self.b_out = _zeros_if_none(_weight(model, "b_out"), (self.n_layers, d_model), self.W_in[0])
             if self.gated:
-                W_gate = _weight(model, "W_gate")
-                if W_gate is None:
+                if _weight_of_block(model.blocks[0], "W_gate") is None and _weight(model, "W_gate") is None:
                     raise CircuitsError("cfg.gated_mlp is True but the bridge has no W_gate")
-                self.W_gate = W_gate
-                self.b_gate = _zeros_if_none(_weight(model, "b_gate"), (self.n_layers, d_mlp), self.W_in)
+                self.W_gate = _layer_weights(model, "W_gate")
+                self.b_gate = _zeros_if_none(_weight(model, "b_gate"), (self.n_layers, d_mlp), self.W_in[0])
         self.W_U = model.W_U.detach()
         self.b_U = _zeros_if_none(_weight(model, "b_U"), (self.W_U.shape[-1],), self.W_U)
 
@@ -553,7 +554,7 @@ class FunctionalModel:
         size = self.W_E.element_size()
         n_pos, d = task.seq_len, self.W_E.shape[-1]
         n_at = int(torch.unique(task.answer_pos % n_pos).numel())
-        vocab, d_mlp = self.W_U.shape[-1], (self.W_in.shape[-1] if self.has_mlp else 0)
+        vocab, d_mlp = self.W_U.shape[-1], (self.W_in[0].shape[-1] if self.has_mlp else 0)
         resid = size * n_pos * d  # one example's residual
         n_f, n_b, ports = self.spec.n_forward, self.spec.n_backward, 3 * self.n_heads + 1
         layer = size * n_pos * (8 * d + 3 * self.n_heads * n_pos + 3 * d_mlp)  # one layer's activations
@@ -597,6 +598,27 @@ def _per_query_head(weight: Tensor, n_heads: int) -> Tensor:
     """[layer, kv_head, ...] -> [layer, head, ...]: query head h uses kv group h // (n_heads / kv_heads)."""
     n_kv = weight.shape[1]
     return weight if n_kv == n_heads else weight.repeat_interleave(n_heads // n_kv, dim=1)
+
+
+def _weight_of_block(block, name: str) -> Tensor | None:
+    """``block.mlp.<name>`` detached (a view of the block's weight), or None where it has none."""
+    try:
+        value = getattr(block.mlp, name)
+    except (AttributeError, ValueError, RuntimeError):
+        return None
+    return None if value is None else value.detach()
+
+
+def _layer_weights(model, name: str) -> list[Tensor]:
+    """Each block's MLP weight ``name`` as a list (views, no copy); the stacked ``model.<name>``
+    where a block does not expose it (the self-check then compares the forward either way)."""
+    per_block = [_weight_of_block(block, name) for block in model.blocks]
+    if all(w is not None for w in per_block):
+        return [w for w in per_block if w is not None]
+    stacked = _weight(model, name)
+    if stacked is None:
+        raise CircuitsError(f"the bridge has no MLP weight {name}")
+    return list(stacked.unbind(0))
 
 
 def _zeros_if_none(bias: Tensor | None, shape: tuple[int, ...], like: Tensor) -> Tensor:
