@@ -561,7 +561,7 @@ class FunctionalModel:
         logits = size * n_at * vocab
         per_kind = {
             "run": 2 * n_f * resid + 2 * logits + layer,
-            "grad": self.n_layers * layer + (2 * n_b + n_f + 4 * ports) * resid + 3 * logits,
+            "grad": self.n_layers * layer + (n_b + n_f + 4 * ports) * resid + 3 * logits,
             "ablated": (n_f + 5 * ports) * resid + 2 * logits + layer,
             "replaced": (3 * self.n_heads + 8) * resid + 2 * logits + layer,
             "kept": (2 * n_f + n_b) * resid,
