@@ -15,14 +15,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import einops
 import numpy as np
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
 from circuits.discovery.functional import FunctionalModel
-from circuits.discovery.scoring import Ablator, References
+from circuits.discovery.scoring import Ablator, References, mean_over_real, real_row_sum
 from circuits.errors import CircuitsError
 from circuits.tasks import Task
 from circuits.timing import phase
@@ -115,14 +114,9 @@ class Evaluator:
 def real_row_mean(writers: Float[Tensor, "n_forward batch pos d_model"],
                   real: Bool[Tensor, "batch pos"]) -> Float[Tensor, "n_forward batch pos d_model"]:
     """Each writer's output averaged over the rows that have a real token at each position
-    (right padding is not an input the model ever sees), the same for every row."""
-    if bool(real.all()):  # unpadded: the plain batch mean, as it always was
-        return writers.mean(1, keepdim=True).expand_as(writers).contiguous()
-    weights = real.to(writers.dtype)
-    total = einops.einsum(writers, weights, "w b p d, b p -> w p d")
-    count = weights.sum(0).clamp(min=1.0)  # a position no row reaches keeps a zero mean
-    mean = total / count[None, :, None]
-    return einops.repeat(mean, "w p d -> w b p d", b=writers.shape[1]).contiguous()
+    (right padding is not an input the model ever sees), the same for every row: what mean
+    ablation reads (``References.of`` sums it chunk by chunk)."""
+    return mean_over_real(real_row_sum(writers, real), real)
 
 
 def faithfulness(model, task: Task, in_circuit: np.ndarray, ablation: str = "corrupt", gap_tol: float = GAP_TOL,

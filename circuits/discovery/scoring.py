@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import einops
 import numpy as np
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from circuits.config import SCORING_METHODS as METHODS
@@ -114,16 +114,12 @@ class References:
                                                              *corrupt.writers.shape[2:]))
             corrupt_writers[:, start : start + sub.n_examples] = corrupt.writers
             if mean:
-                real = task.slice(start, start + sub.n_examples).real_positions().to(fm.device, fm.dtype)
-                part = einops.einsum(clean.writers, real, "w b p d, b p -> w p d")
+                part = real_row_sum(clean.writers, task.slice(start, start + sub.n_examples).real_positions())
                 totals = part if totals is None else totals + part
             del clean, corrupt
         if corrupt_writers is None:  # unreachable: a task has at least one example
             raise CircuitsError(f"task {task.name} has no examples")
-        clean_mean = None
-        if mean and totals is not None:
-            count = task.real_positions().to(fm.device, fm.dtype).sum(0).clamp(min=1.0)  # a position no row reaches: 0
-            clean_mean = (totals / count[None, :, None])[:, None].expand(-1, task.n_examples, -1, -1)
+        clean_mean = None if totals is None else mean_over_real(totals, task.real_positions())
         return cls(positions, answers, torch.cat(clean_each), torch.cat(corrupted_each), corrupt_writers,
                    torch.cat(clean_at) if keep_logits else None, clean_mean)
 
@@ -133,6 +129,20 @@ class References:
         stop = start + logits.shape[0] // copies
         clean_at = None if self.clean_at is None else self.clean_at[start:stop].repeat(copies, 1, 1)
         return metric_per_example(logits, self.answers.slice(start, stop).repeat(copies), clean_at)
+
+
+def real_row_sum(writers: Float[Tensor, "n_forward batch pos d_model"],
+                 real: Bool[Tensor, "batch pos"]) -> Float[Tensor, "n_forward pos d_model"]:
+    """Each writer's outputs summed, per position, over the rows with a real token there."""
+    return einops.einsum(writers, real.to(writers.device, writers.dtype), "w b p d, b p -> w p d")
+
+
+def mean_over_real(total: Float[Tensor, "n_forward pos d_model"],
+                   real: Bool[Tensor, "batch pos"]) -> Float[Tensor, "n_forward batch pos d_model"]:
+    """:func:`real_row_sum` over all rows as a mean, the same for every row (a view, no copy);
+    right padding is not an input the model ever sees, and a position no row reaches keeps 0."""
+    count = real.to(total.device, total.dtype).sum(0).clamp(min=1.0)
+    return (total / count[None, :, None])[:, None].expand(-1, real.shape[0], -1, -1)
 
 
 def _per_example_scores(delta: Float[Tensor, "n_forward batch pos d_model"], grads: list[Tensor],
