@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 
 import pytest
 from test_app_browser import (  # noqa: F401 - the browser fixtures
-    IDLE,
+    GRAPH,
     _free_port,
     need_chromium,
     page,
@@ -30,6 +30,7 @@ pytestmark = pytest.mark.slow
 
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 PAGES = ("", "circuit", "heads", "compare")  # overview is the default page, at /
+DRAWN = f"[data-testid='stPlotlyChart'], {GRAPH}"
 
 
 @pytest.fixture(scope="module")
@@ -68,8 +69,9 @@ def _requests_beyond_the_machine(pg, base: str) -> list[str]:
     try:
         for path in PAGES:
             pg.goto(f"{base}/{path}")
-            pg.wait_for_selector(IDLE, timeout=60_000)
+            pg.wait_for_selector(DRAWN, timeout=60_000)  # the page drew the study, not a message
             settle(pg)
+            assert pg.locator("[data-testid='stException']").count() == 0, path
             pg.wait_for_timeout(500)  # the favicon and usage statistics are asked for after the run
     finally:
         pg.context.unroute("**/*", guard)
