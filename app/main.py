@@ -37,8 +37,9 @@ import streamlit as st  # noqa: E402
 from app import ui  # noqa: E402
 
 PAGES = HERE / "views"  # not pages/: that name turns on legacy multipage mode
+FAVICON = HERE / "favicon.svg"  # shipped with the app: a :material/...: page icon is fetched from a font host
 
-st.set_page_config(page_title="circuits", page_icon=":material/hub:", layout="wide")
+st.set_page_config(page_title="circuits", page_icon=FAVICON, layout="wide")
 
 settings = ui.settings()
 page = st.navigation([

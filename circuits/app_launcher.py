@@ -2,6 +2,7 @@
 
 Binds to 127.0.0.1 unless another address is asked for explicitly; when it listens beyond
 loopback, the URL may not point the app at another folder (``?study=`` is then ignored).
+Neither the server nor the page makes a request beyond the machine (docs/app.md, "Offline").
 The app (``app/`` in the repository, installed as ``circuits_app``) imports the library, never
 the other way: it is found here by its file, not imported.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -31,13 +33,19 @@ def _app_main() -> Path:
 
 APP_MAIN = _app_main()
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+WILDCARD = ("0.0.0.0", "::")
+
+
 
 
 def command(study: str | Path, port: int = 8501, address: str = "127.0.0.1") -> list[str]:
-    """The ``streamlit run`` command line that serves ``study``."""
+    """The ``streamlit run`` command line that serves ``study``, making no request beyond the
+    machine: no usage statistics, and on a wildcard address the URL printed names this host
+    (otherwise Streamlit asks checkip.amazonaws.com for the machine's external address)."""
+    named = [f"--browser.serverAddress={socket.gethostname()}"] if address in WILDCARD else []
     return [sys.executable, "-m", "streamlit", "run", str(APP_MAIN), "--server.headless=true",
             f"--server.address={address}", f"--server.port={port}", "--browser.gatherUsageStats=false",
-            "--client.toolbarMode=viewer",
+            "--client.toolbarMode=viewer", *named,
             "--", "--study", str(Path(study).resolve())]
 
 

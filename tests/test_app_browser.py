@@ -9,6 +9,7 @@ Screenshots go to test-artifacts/; with CIRCUITS_UPDATE_SCREENSHOTS=1 also to do
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -38,38 +39,54 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(app_study):  # noqa: F811
+def need_chromium() -> None:
     if not Path(CHROMIUM).exists():
         if os.environ.get("CI"):
             pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium (make browser)")
         pytest.skip(f"{CHROMIUM} is missing: `make browser` installs Debian's chromium")
+
+
+@contextlib.contextmanager
+def serving(cmd: list[str], port: int, log_name: str = "streamlit.log"):
+    """Run ``cmd`` (a streamlit server on ``port``) from the repository root until it answers
+    its health check; yields its base URL and stops it afterwards."""
+    artifacts = ROOT / "test-artifacts"
+    log = open(artifacts / log_name, "w") if artifacts.is_dir() else None
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log or subprocess.DEVNULL,
+                            stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if urllib.request.urlopen(f"{base}/_stcore/health", timeout=2).read() == b"ok":
+                    break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"streamlit did not come up on {base} (exit {proc.poll()})")
+            time.sleep(0.3)
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if log:
+            log.close()
+
+
+@pytest.fixture(scope="module")
+def server(app_study):  # noqa: F811
+    """The app as `circuits app` serves it (circuits.app_launcher.command)."""
+    need_chromium()
     from circuits.app_launcher import command
 
     port = _free_port()
-    log = open(ROOT / "test-artifacts" / "streamlit.log", "w") if (ROOT / "test-artifacts").is_dir() else None
-    proc = subprocess.Popen(command(app_study, port=port), cwd=ROOT, stdout=log or subprocess.DEVNULL,
-                            stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if urllib.request.urlopen(f"{base}/_stcore/health", timeout=2).read() == b"ok":
-                break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"streamlit did not come up on {base} (exit {proc.poll()})")
-        time.sleep(0.3)
-    yield base, app_study
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    if log:
-        log.close()
+    with serving(command(app_study, port=port), port) as base:
+        yield base, app_study
 
 
 @pytest.fixture(scope="module")

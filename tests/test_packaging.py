@@ -47,6 +47,7 @@ assert APP_MAIN.resolve() == site / "circuits_app" / "main.py", APP_MAIN
 for page in ("overview", "circuit", "heads", "compare"):
     assert (APP_MAIN.parent / "views" / f"{page}.py").is_file(), page
 assert (APP_MAIN.parent / "components" / "circuit_graph.py").is_file()
+assert (APP_MAIN.parent / "favicon.svg").is_file()  # shipped, not fetched from a font host
 from circuits.bench import BENCHMARKS
 assert "app" in BENCHMARKS
 from streamlit.testing.v1 import AppTest  # the installed app runs (no study: it says so)
