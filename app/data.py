@@ -66,6 +66,44 @@ def _open(path: str, stamp_: float):
     return circuits.open_study(path)
 
 
+def expected_steps(s) -> list[int] | None:
+    """The steps the study's sweep selected, when its record says (``steps`` in study.json), else
+    None: then a manifest step without a shard may be unselected, not reached yet, or deleted."""
+    recorded = s.provenance.get("steps")
+    if not isinstance(recorded, list) or not all(isinstance(x, int) for x in recorded):
+        return None
+    return sorted(set(recorded))
+
+
+def writing_steps(path: str) -> frozenset[int]:
+    """Steps whose shard a live process is writing now (its temporary file is there; not cached)."""
+    from circuits.store.format import SHARD_DIR, TMP_RE
+
+    folder = Path(path) / SHARD_DIR
+    found = set()
+    try:
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                m = TMP_RE.match(entry.name)
+                if m and m.group(1).startswith("step") and _alive(int(m.group(2))):
+                    found.add(int(m.group(1)[4:12]))
+    except OSError:
+        pass
+    return frozenset(found)
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def study(path: str):
     """The study at ``path``, reopened when it changed on disk; CircuitsError when unreadable."""
     return _open(path, stamp(path))

@@ -15,7 +15,7 @@ from circuits.errors import CircuitsError
 
 from . import data
 from .charts import plain  # noqa: F401 - re-exported for pages
-from .state import Settings, launch_study, study_locked
+from .state import Settings, gaps_line, launch_study, snap_step, study_locked, writing_line
 
 SESSION_KEY = "app.settings"
 
@@ -82,11 +82,47 @@ def open_current(s: Settings):
         message = str(err) if isinstance(err, CircuitsError) else f"{type(err).__name__}: {err}"
         st.error(f"Could not open the study at {md(repr(s.study))}: {md(message)}", icon=":material/error:")
         raise NoStudy from None
+    writing = data.writing_steps(s.study)
+    gaps = gaps_line(list(study.steps), damaged(study), data.expected_steps(study), writing)
+    if gaps:
+        st.warning(md(gaps), icon=":material/report:")
+    if writing and study.steps:
+        st.caption(md(writing_line(writing)))
     if not study.steps:
         st.warning("This study has no complete steps yet. A sweep may still be writing it: "
                    "new steps appear here on the next rerun.", icon=":material/hourglass_empty:")
         raise NoStudy
     return study, stamp
+
+
+def damaged(study) -> dict[int, str]:
+    """Steps whose shard is there but unreadable -> why (the Study reader's ``problems``)."""
+    return dict(getattr(study, "problems", {}) or {})
+
+
+def missing(study) -> set[int]:
+    """Steps the sweep selected with neither a shard nor a damaged one (empty when not recorded)."""
+    expected = data.expected_steps(study)
+    if expected is None:
+        return set()
+    return set(expected) - set(study.steps) - set(damaged(study))
+
+
+def correct(note: str | None, **changes) -> None:
+    """A value from the URL was out of range: write the value shown back to the URL and say,
+    in one line, what was asked and what is shown (``note``, from the ``state.snap_*`` rules).
+    Nothing happens when ``note`` is None."""
+    if note is None:
+        return
+    update(**changes)
+    st.info(md(note), icon=":material/auto_fix_high:")
+
+
+def step_from_url(study, steps: list[int], s: Settings, what: str = "step") -> int:
+    """The step the URL asks for, corrected (URL and note) when the study cannot show it."""
+    step, note = snap_step(steps, s.step, damaged(study), missing(study), what)
+    correct(note, step=step)
+    return step
 
 
 def open_page(title: str):
@@ -113,10 +149,3 @@ def circuit_stack_or_stop(path: str, stamp, missing: str):
     if stack is None:
         st.stop()
     return stack
-
-
-def pick_step(steps: list[int], wanted: int | None) -> int:
-    """The study's step nearest to ``wanted`` (the last one when none asked)."""
-    if wanted is None:
-        return steps[-1]
-    return min(steps, key=lambda x: (abs(x - wanted), x))

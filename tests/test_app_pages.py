@@ -273,7 +273,7 @@ def test_damaged_shard_is_reported_and_the_rest_served(damaged_study, page):
     at = run_page(damaged_study, page, step=500)
     assert_clean(at)
     if page == "overview":
-        assert "Step 450 is unreadable" in texts(at)
+        assert "Step 450: " in _plain(texts(at))  # the reader's reason, under the one line every page gives
         assert {m.label: m.value for m in at.metric}["Steps in the study"].startswith("4 of")
     if page == "circuit":
         assert [int(o) for o in at.select_slider(key="circuit.step").options] == [0, 400, 500, 1000]
@@ -496,3 +496,133 @@ def test_study_without_bootstrap(study_without_bootstrap, page):
         assert "no stable circuit" in texts(at)
         table = frame(at, "full-data circuit")
         assert "stable circuit" not in table.columns and table["in resamples"].isna().all()
+
+
+# ---------------------------------------------------------------- URL values corrected, with a note
+
+
+def notes(at) -> str:
+    """The one-line notes (st.info) the page gives, markdown escapes off."""
+    return "\n".join(_plain(str(e.value)) for e in at.info)
+
+
+def url(at, key: str) -> str | None:
+    value = at.query_params.get(key)
+    return value[0] if isinstance(value, list) else value
+
+
+def test_step_not_in_the_study_is_corrected_in_the_url_with_a_note(app_study):
+    at = run_page(app_study, "circuit", step=460)
+    assert_clean(at)
+    assert at.select_slider(key="circuit.step").value == 450
+    assert url(at, "step") == "450"
+    assert "step 460 is not in this study; showing 450, the nearest" in notes(at)
+
+
+@pytest.mark.parametrize(("asked", "shown"), [(99999, 1000), (-5, 0)])
+def test_step_outside_the_study_is_corrected_in_the_url_with_a_note(app_study, asked, shown):
+    at = run_page(app_study, "heads", step=asked)
+    assert_clean(at)
+    assert at.select_slider(key="heads.step").value == shown and url(at, "step") == str(shown)
+    assert f"step {asked} is outside this study (steps 0 to 1000); showing {shown}, the nearest" in notes(at)
+
+
+def test_example_out_of_range_is_corrected_in_the_url_with_a_note(app_study):
+    at = run_page(app_study, "heads", example=999)
+    assert_clean(at)
+    last = int(at.number_input(key="heads.example").max)
+    assert at.number_input(key="heads.example").value == last and url(at, "example") == str(last)
+    assert f"example 999 is out of range (0 to {last}); showing {last}" in notes(at)
+
+
+@pytest.mark.parametrize("page", ["circuit", "heads"])
+def test_node_not_in_the_model_is_dropped_from_the_url_with_a_note(app_study, page):
+    at = run_page(app_study, page, node="a9.h9")
+    assert_clean(at)
+    assert not at.error, [e.value for e in at.error]
+    assert url(at, "node") is None
+    assert "node a9.h9 is not in this model" in notes(at)
+
+
+def test_top_n_out_of_range_is_corrected_and_its_limits_named(app_study):
+    at = run_page(app_study, "circuit", mode="top-n", top_n=100000)
+    assert_clean(at)
+    assert not at.error, [e.value for e in at.error]
+    box = at.number_input(key="circuit.top_n")
+    n_edges = int(box.max)
+    assert box.value == n_edges and url(at, "top_n") == str(n_edges)
+    assert box.label == f"Top n edges (1 to {n_edges})"
+    assert f"top-n 100000 is out of range (1 to {n_edges}); showing {n_edges}" in notes(at)
+
+
+def test_unknown_detector_is_corrected_in_the_url_with_a_note(app_study):
+    at = run_page(app_study, "heads", detector="bogus")
+    assert_clean(at)
+    assert at.selectbox(key="heads.detector").value == "induction" and url(at, "detector") == "induction"
+    assert "detector 'bogus' is not in this study" in notes(at)
+
+
+def test_threshold_default_is_the_stable_circuits_smallest_score(app_study):
+    import circuits
+
+    study = circuits.open_study(app_study)
+    scores, stable = study.array("circuit/scores")[-1], study.array("circuit/stable")[-1].astype(bool)
+    smallest = float(np.abs(scores[stable]).min())
+    at = run_page(app_study, "circuit", step=1000, mode="threshold")
+    assert_clean(at)
+    assert at.number_input(key="circuit.threshold").value == pytest.approx(smallest, rel=1e-5)
+    drawn = int({m.label: m.value for m in at.metric}["Edges drawn"])
+    assert drawn >= int(stable.sum())  # every stable-circuit edge is drawn, not every edge
+
+
+def test_compare_with_the_later_step_first_is_ordered_with_a_note(app_study):
+    at = run_page(app_study, "compare", base=500, step=450)
+    assert_clean(at)
+    assert at.selectbox(key="compare.a").value == 450 and at.selectbox(key="compare.b").value == 500
+    assert (url(at, "base"), url(at, "step")) == ("450", "500")
+    assert "step 500 comes after step 450: comparing 450 (earlier) with 500 (later)" in notes(at)
+
+
+@pytest.fixture(scope="module")
+def deleted_study(app_study, tmp_path_factory) -> Path:
+    """Step 500's shard deleted from a study whose record names the steps its sweep selected."""
+    out = tmp_path_factory.mktemp("deleted") / "study"
+    shutil.copytree(app_study, out)
+    record = json.loads((out / "study.json").read_text())
+    record["steps"] = [int(x) for x in STEPS.split(",")]
+    (out / "study.json").write_text(json.dumps(record))
+    (out / "shards" / "step00000500.h5").unlink()
+    return out
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_deleted_shard_is_named_on_every_page(deleted_study, page):
+    at = run_page(deleted_study, page)
+    assert_clean(at)
+    warned = [_plain(str(w.value)) for w in at.warning]
+    assert "Left out: step 500 (shard missing); sweep the study again to replace it." in warned
+    assert "A sweep is writing" not in _plain(texts(at))  # not taken for a sweep still running
+    if page == "overview":
+        assert {m.label: m.value for m in at.metric}["Steps in the study"] == "4 of 5"
+
+
+def test_deleted_shard_asked_for_is_corrected_with_a_note(deleted_study):
+    at = run_page(deleted_study, "circuit", step=500)
+    assert_clean(at)
+    assert at.select_slider(key="circuit.step").value == 450 and url(at, "step") == "450"
+    assert "step 500's shard is missing; showing 450, the nearest" in notes(at)
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_truncated_shard_is_named_on_every_page(damaged_study, page):
+    at = run_page(damaged_study, page)
+    assert_clean(at)
+    warned = [_plain(str(w.value)) for w in at.warning]
+    assert "Left out: step 450 (shard damaged); sweep the study again to replace it." in warned
+
+
+def test_truncated_shard_asked_for_is_corrected_with_a_note(damaged_study):
+    at = run_page(damaged_study, "circuit", step=450)
+    assert_clean(at)
+    assert at.select_slider(key="circuit.step").value == 400 and url(at, "step") == "400"
+    assert "step 450's shard is damaged; showing 400, the nearest" in notes(at)

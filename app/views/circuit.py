@@ -15,7 +15,7 @@ import streamlit as st
 from app import charts, data, formation, ui
 from app.components.circuit_graph import circuit_graph
 from app.graph_view import parse_node
-from app.state import MODE_LABELS, MODES
+from app.state import MODE_LABELS, MODES, snap_int, snap_node, threshold_default
 
 settings, study, stamp = ui.open_page("Circuit")
 path = settings.study
@@ -25,22 +25,36 @@ stack = ui.circuit_stack_or_stop(
 steps = list(stack.steps)
 nodes = list(stack.layout.nodes)
 
-# Widget state starts from the URL; widgets write back to it on change.
+# Widget state starts from the URL (a value out of range is corrected there, with a note);
+# widgets write back to it on change.
+n_edges = int(np.isfinite(stack.scores[0]).sum())
 if "circuit.step" not in st.session_state or st.session_state["circuit.step"] not in steps:
-    st.session_state["circuit.step"] = ui.pick_step(steps, settings.step)
+    st.session_state["circuit.step"] = ui.step_from_url(study, steps, settings)
+if "circuit.top_n" not in st.session_state:
+    top_n0, note = snap_int("top-n", int(settings.top_n), 1, n_edges)
+    ui.correct(note, top_n=top_n0)
+    st.session_state["circuit.top_n"] = top_n0
+if "circuit.threshold" not in st.session_state:
+    i0 = steps.index(st.session_state["circuit.step"])
+    st.session_state["circuit.threshold"] = (
+        float(settings.threshold) if settings.threshold is not None
+        else threshold_default(stack.scores[i0], stack.circuit[i0] if stack.stable is not None else None,
+                               stack.in_circuit[i0]))
 st.session_state.setdefault("circuit.mode", settings.mode)
-st.session_state.setdefault("circuit.threshold", float(settings.threshold))
-st.session_state.setdefault("circuit.top_n", max(int(settings.top_n), 1))
 st.session_state.setdefault("circuit.playing", False)
+last_example = max(study.n_examples - 1, 0)
+example0, note = snap_int("example", int(settings.example), 0, last_example)
+ui.correct(note, example=example0)
 if st.session_state.get("circuit.node") not in nodes:
-    st.session_state["circuit.node"] = settings.node if settings.node in nodes else None
-
+    node0, note = snap_node(settings.node, nodes)
+    ui.correct(note, node=node0)
+    st.session_state["circuit.node"] = node0
 
 def _sync_selection() -> None:
     # a widget not drawn in the last run (threshold while in top-n) has left session state
     current = ui.settings()
     ui.update(mode=st.session_state.get("circuit.mode", current.mode),
-              threshold=float(st.session_state.get("circuit.threshold", current.threshold)),
+              threshold=st.session_state.get("circuit.threshold", current.threshold),
               top_n=int(st.session_state.get("circuit.top_n", current.top_n)))
 
 
@@ -58,12 +72,14 @@ controls[0].radio("Edges", MODES, key="circuit.mode", horizontal=True, on_change
                        "circuit), the circuit selected on all prompts, or a view of all edge scores")
 if st.session_state["circuit.mode"] == "threshold":
     largest = float(np.nanmax(np.abs(stack.scores))) if np.isfinite(stack.scores).any() else 0.0
-    controls[1].number_input("Threshold on |score|", min_value=0.0, key="circuit.threshold",
+    controls[1].number_input(f"Threshold on |score| (0 to {largest:.4g})", min_value=0.0, key="circuit.threshold",
                              on_change=_sync_selection, format="%.4g", step=max(largest / 50, 1e-6),
-                             help=f"largest |score| in the study: {largest:.4g}")
+                             help=f"Starts at the circuit's smallest |score| at the step first shown; the "
+                                  f"largest |score| in the study is {largest:.4g} (above it nothing is drawn)")
 elif st.session_state["circuit.mode"] == "top-n":
-    controls[1].number_input("Top n edges", min_value=1, max_value=int(stack.scores[0].size), step=10,
-                             key="circuit.top_n", on_change=_sync_selection)
+    controls[1].number_input(f"Top n edges (1 to {n_edges})", min_value=1, max_value=n_edges, step=10,
+                             key="circuit.top_n", on_change=_sync_selection,
+                             help=f"the n edges of largest |score|; the graph has {n_edges} possible edges")
 playing = st.session_state["circuit.playing"]
 controls[2].button("Pause" if playing else "Play", key="circuit.play", on_click=_toggle_play,
                    icon=":material/pause:" if playing else ":material/play_arrow:",
@@ -72,7 +88,7 @@ controls[3].selectbox("Speed", (0.5, 1.0, 2.0), index=1, key="circuit.speed",
                       format_func=lambda s: f"{s:g} s/step")
 
 mode = st.session_state["circuit.mode"]
-threshold = float(st.session_state.get("circuit.threshold", settings.threshold))
+threshold = float(st.session_state["circuit.threshold"])
 top_n = int(st.session_state.get("circuit.top_n", settings.top_n))
 
 
@@ -202,8 +218,8 @@ def node_panel(step: int, node: str | None) -> None:
         st.caption("Attention patterns and detector scores exist for attention heads only.")
         return
     with ui.guard(f"show the attention pattern of {node} at step {step}"):
-        example = st.number_input("Example", min_value=0, max_value=max(study.n_examples - 1, 0),
-                                  value=min(settings.example, max(study.n_examples - 1, 0)),
+        example = st.number_input(f"Example (0 to {last_example})", min_value=0, max_value=last_example,
+                                  value=example0,
                                   key="circuit.example", on_change=lambda: ui.update(
                                       example=int(st.session_state["circuit.example"])))
         pattern = data.pattern(path, stamp, step, parsed.layer, parsed.head, int(example))

@@ -9,20 +9,43 @@ import streamlit as st
 
 from app import charts, data, formation, graph_view, ui
 from app.components.circuit_graph import circuit_graph
-from app.state import MODE_LABELS
+from app.state import MODE_LABELS, order_pair, snap_step, threshold_default
 from circuits.graph import jaccard
 
 settings, study, stamp = ui.open_page("Compare")
 path = settings.study
 stack = ui.circuit_stack_or_stop(path, stamp, "This study has no circuits yet: nothing to compare.")
 steps = list(stack.steps)
-mode, threshold, top_n = settings.mode, settings.threshold, settings.top_n
+mode, top_n = settings.mode, settings.top_n
+
+# The pair from the URL: ``step`` the later step, ``base`` the earlier (by default the step
+# before it); each corrected when the study lacks it, and ordered earlier first.
+later = ui.step_from_url(study, steps, settings)
+base, note = (steps[max(steps.index(later) - 1, 0)], None) if settings.base is None else snap_step(
+    steps, settings.base, ui.damaged(study), ui.missing(study), "earlier step")
+ui.correct(note, base=base)
+earlier, later, note = order_pair(base, later)
+if earlier != base:  # asked later step first: the URL is rewritten in order
+    ui.correct(note, base=earlier, step=later)
+threshold = settings.threshold
+if threshold is None:  # threshold mode's default, as on the Circuit page (at the later step)
+    i = steps.index(later)
+    threshold = threshold_default(stack.scores[i], stack.circuit[i] if stack.stable is not None else None,
+                                  stack.in_circuit[i])
+
+
+def _on_pair() -> None:
+    ui.update(base=int(st.session_state["compare.a"]), step=int(st.session_state["compare.b"]))
+
 
 cols = st.columns(2)
-later = ui.pick_step(steps, settings.step)
-earlier = steps[max(steps.index(later) - 1, 0)]
-a = cols[0].selectbox("Earlier step", steps, index=steps.index(earlier), key="compare.a")
-b = cols[1].selectbox("Later step", steps, index=steps.index(later), key="compare.b")
+for key, value in (("compare.a", earlier), ("compare.b", later)):
+    st.session_state[key] = value  # the URL leads; a choice here writes it first (_on_pair)
+a = cols[0].selectbox("Earlier step", steps, key="compare.a", on_change=_on_pair)
+b = cols[1].selectbox("Later step", steps, key="compare.b", on_change=_on_pair)
+a, b, pair_note = order_pair(a, b)  # chosen here the other way round (or the same step twice): said
+if pair_note:
+    st.info(ui.md(pair_note), icon=":material/swap_horiz:")
 
 st.caption(f"Comparing the {MODE_LABELS.get(mode, mode)} (the Circuit page's edge selection).")
 with ui.guard(f"say whether steps {a} and {b} have a circuit"):

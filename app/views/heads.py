@@ -7,12 +7,25 @@ from __future__ import annotations
 import streamlit as st
 
 from app import charts, data, formation, ui
+from app.graph_view import parse_node
+from app.state import snap_choice, snap_int
 from circuits import figures
 
 settings, study, stamp = ui.open_page("Heads")
 path = settings.study
 steps = [int(x) for x in study.steps]
-step_now = ui.pick_step(steps, settings.step)
+step_now = ui.step_from_url(study, steps, settings)
+last_example = max(study.n_examples - 1, 0)
+example0, note = snap_int("example", int(settings.example), 0, last_example)
+ui.correct(note, example=example0)
+layer0, head0 = 0, 0
+if settings.node and settings.node.startswith("a"):
+    parsed = parse_node(settings.node)
+    if parsed.layer < study.n_layers and parsed.head < study.n_heads:
+        layer0, head0 = parsed.layer, parsed.head
+    else:
+        ui.correct(f"node {settings.node} is not in this model ({study.n_layers} layers x {study.n_heads} heads); "
+                   "showing a0.h0", node=None)
 
 with ui.guard("draw the head scores"):
     tracked = data.tracking(path, stamp)
@@ -20,7 +33,12 @@ with ui.guard("draw the head scores"):
     if not kinds:
         st.info("This study has no head detector scores (the sweep ran without the heads analysis).")
     else:
-        kind = st.selectbox("Detector", kinds, format_func=lambda k: k.replace("_", " "), key="heads.detector")
+        wanted, note = snap_choice("detector", settings.detector, kinds)
+        ui.correct(note, detector=wanted)
+        if st.session_state.get("heads.detector") not in kinds:
+            st.session_state["heads.detector"] = wanted
+        kind = st.selectbox("Detector", kinds, format_func=lambda k: k.replace("_", " "), key="heads.detector",
+                            on_change=lambda: ui.update(detector=st.session_state["heads.detector"]))
         left, right = st.columns(2)
         left.plotly_chart(figures.head_heatmap(tracked, kind), key="heads.heatmap")
         right.plotly_chart(figures.head_score_curves(tracked, kind, step_now), key="heads.curves")
@@ -36,21 +54,14 @@ st.subheader("Attention pattern")
 
 @st.fragment
 def pattern_viewer() -> None:
-    node = ui.settings().node or ""
-    layer0, head0 = 0, 0
-    if node.startswith("a"):
-        from app.graph_view import parse_node
-
-        parsed = parse_node(node)
-        layer0, head0 = parsed.layer, parsed.head
     cols = st.columns(4)
     step = cols[0].select_slider("Step", options=steps, value=step_now, key="heads.step")
-    layer = cols[1].number_input("Layer", 0, study.n_layers - 1, value=min(layer0, study.n_layers - 1),
+    layer = cols[1].number_input(f"Layer (0 to {study.n_layers - 1})", 0, study.n_layers - 1, value=layer0,
                                  key="heads.layer")
-    head = cols[2].number_input("Head", 0, study.n_heads - 1, value=min(head0, study.n_heads - 1),
+    head = cols[2].number_input(f"Head (0 to {study.n_heads - 1})", 0, study.n_heads - 1, value=head0,
                                 key="heads.head")
-    example = cols[3].number_input("Example", 0, max(study.n_examples - 1, 0),
-                                   value=min(settings.example, max(study.n_examples - 1, 0)), key="heads.example")
+    example = cols[3].number_input(f"Example (0 to {last_example})", 0, last_example, value=example0,
+                                   key="heads.example")
     with ui.guard(f"show the attention pattern of a{layer}.h{head} at step {step}"):
         pattern = data.pattern(path, stamp, int(step), int(layer), int(head), int(example))
         tokens = data.tokens(path, stamp, int(example))

@@ -20,16 +20,22 @@ with ui.guard("describe the study"):
     cols = st.columns(4)
     cols[0].metric("Run", str(manifest.name))
     cols[1].metric("Task", str(study.task.name))
-    cols[2].metric("Steps in the study", f"{len(steps)} of {len(manifest.steps)}")
+    expected = data.expected_steps(study)
+    if expected is not None:
+        cols[2].metric("Steps in the study", f"{len(steps)} of {len(expected)}",
+                       help="of the steps its sweep selected (the steps left out are named above)")
+    else:
+        cols[2].metric("Steps in the study", f"{len(steps)} of {len(manifest.steps)}",
+                       help="of the manifest's checkpoints: this study does not record which its sweep selected")
     cols[3].metric("Model", f"{study.n_layers}L x {study.n_heads}H")
     tokens_per_step = getattr(manifest, "tokens_per_step", None)
     st.text(f"steps {steps[0]} .. {steps[-1]}    prompts: {study.n_examples} x {study.seq_len} tokens"
             + (f"    tokens per step: {tokens_per_step:,}" if tokens_per_step else ""))
-    if len(steps) < len(manifest.steps):
-        st.caption("Steps the sweep has not reached appear here as their shards land (any rerun picks them up).")
-    problems = getattr(study, "problems", {}) or {}
-    for step, problem in sorted(problems.items()):
-        st.warning(f"Step {step} is unreadable and left out: {ui.md(problem)}", icon=":material/warning:")
+    if expected is None and len(steps) < len(manifest.steps):
+        st.caption("This study does not record which steps its sweep selected: the manifest's other "
+                   "checkpoints were not selected, not reached yet, or their shards were deleted.")
+    for step, problem in sorted(ui.damaged(study).items()):
+        st.caption(ui.md(f"Step {step}: {problem}"))
 
 tracked = None
 with ui.guard("track the study across steps"):
