@@ -173,7 +173,7 @@ def sweep(
     try:
         prepared = _prepare(manifest, task, out, config, tuple(analyses), existing, (pending or selected)[0],
                             reuse_model=isinstance(runner, LocalExecutor),
-                            trust_at=spread_steps(selected, config.trust_steps))
+                            trust_at=spread_steps(selected, config.trust_steps), selected=selected)
         _move_aside(landed.damaged)
         if not (out / store.INDEX_FILE).exists() or not pending:
             store.write_index(out, landed.layouts, landed.tokens, prepared.index_provenance)
@@ -196,7 +196,7 @@ class _Prepared:
 
 def _prepare(manifest: Manifest, task: str | Path | Task, out: Path, config: SweepConfig,
              analyses: tuple[tuple[str, Analysis], ...], existing: dict[str, Any] | None, probe_step: int,
-             reuse_model: bool, trust_at: list[int]) -> _Prepared:
+             reuse_model: bool, trust_at: list[int], selected: list[int]) -> _Prepared:
     """The task, the hooks and study.json, from the model of the first step to visit.
 
     ``trust_at``: the selected steps at which the circuit analysis checks its scores against
@@ -213,7 +213,7 @@ def _prepare(manifest: Manifest, task: str | Path | Task, out: Path, config: Swe
     task = resolve_task(task, model, config.n_examples, config.seed)
     check_causal(model, manifest)
     hook_names = resolve_hooks(model, config.hooks)
-    record = study_record(manifest, task, model, config, hook_names)
+    record = study_record(manifest, task, model, config, hook_names) | {"steps": list(selected)}
     if existing is None:
         store.write_study_json(out, record)
     else:
@@ -221,6 +221,12 @@ def _prepare(manifest: Manifest, task: str | Path | Task, out: Path, config: Swe
                          "use the same --n-examples and task seed")
         _refuse_mismatch(out, existing, "hooks", hook_names, existing["hooks"], "use the same --hooks")
         record = existing
+        # every sweep's selection, so that a step selected once and without a shard reads as
+        # missing, not as never asked for (the app names such steps)
+        steps = sorted(set(existing.get("steps") or []) | set(selected))
+        if steps != existing.get("steps"):
+            record = existing | {"steps": steps}
+            store.write_study_json(out, record)
     index_provenance = {k: v for k, v in record.items() if k != "task"}
     plan = VisitPlan(manifest=manifest, task=task, hooks=hook_names, dtype=config.dtype,
                      batch_size=config.batch_size, device=config.device, analyses=analyses,

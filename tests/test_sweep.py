@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -88,6 +89,14 @@ def test_resume_skips_complete_shards(induction_run, study_f16):
     sweep(induction_run, "induction", study_f16, steps=STEPS, n_examples=N_EXAMPLES, batch_size=3, progress=False)
     after = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in sorted((study_f16 / "shards").glob("step*.h5"))}
     assert after == before
+
+
+def test_study_json_records_every_sweeps_selected_steps(induction_run, tmp_path):
+    out = tmp_path / "study"
+    sweep(induction_run, "induction", out, steps="0,300", n_examples=4, hooks="none", progress=False)
+    assert json.loads((out / "study.json").read_text())["steps"] == [0, 300]
+    sweep(induction_run, "induction", out, steps="300,600", n_examples=4, hooks="none", progress=False)
+    assert json.loads((out / "study.json").read_text())["steps"] == [0, 300, 600]
 
 
 def test_killed_sweep_completes_with_the_same_contents(induction_run, study_f16, tmp_path):
