@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import streamlit as st
 
+from circuits import store
 from circuits.errors import CircuitsError
 from circuits.tracking import Explanandum
 
@@ -77,31 +78,7 @@ def expected_steps(s) -> list[int] | None:
 
 def writing_steps(path: str) -> frozenset[int]:
     """Steps whose shard a live process is writing now (its temporary file is there; not cached)."""
-    from circuits.store.format import SHARD_DIR, TMP_RE
-
-    folder = Path(path) / SHARD_DIR
-    found = set()
-    try:
-        with os.scandir(folder) as entries:
-            for entry in entries:
-                m = TMP_RE.match(entry.name)
-                if m and m.group(1).startswith("step") and _alive(int(m.group(2))):
-                    found.add(int(m.group(1)[4:12]))
-    except OSError:
-        pass
-    return frozenset(found)
-
-
-def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return store.steps_being_written(Path(path))
 
 
 def study(path: str):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import h5py
@@ -204,3 +205,17 @@ def test_patterns_pack_to_their_lower_triangle_and_back():
     assert packed.shape == (N, LAYERS, HEADS, SEQ * (SEQ + 1) // 2)
     np.testing.assert_array_equal(packed[0, 0, 0, :3], [square[0, 0, 0, 0, 0], *square[0, 0, 0, 1, :2]])
     np.testing.assert_array_equal(store.unpack_patterns(packed), square)
+
+
+def test_steps_being_written_are_those_whose_temporary_shard_a_live_process_holds(tmp_path):
+    import subprocess
+
+    from circuits.store import SHARD_DIR, steps_being_written
+
+    shards = tmp_path / SHARD_DIR
+    shards.mkdir()
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    (shards / f".step00000300.h5.tmp-{os.getppid()}").write_bytes(b"")  # our parent: alive, not us
+    (shards / f".step00000600.h5.tmp-{gone.pid}").write_bytes(b"")  # its writer exited
+    assert steps_being_written(tmp_path) == {300}

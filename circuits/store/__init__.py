@@ -48,6 +48,7 @@ from circuits.store.index import (
     open_shard,
     scan_shards,
     shard_layouts,
+    steps_being_written,
     write_index,
 )
 from circuits.store.record import read_study_json, task_arrays, task_from_record, write_study_json
@@ -60,7 +61,7 @@ __all__ = [
     "OUTPUT_RUNS", "PATTERN_LAYOUT", "PATTERNS", "RESERVED",
     "SHARD_DIR", "SHARD_FORMAT", "SHARD_RE", "STUDY_FILE", "STUDY_FORMAT",
     "lower_triangle", "pack_patterns", "positions_of", "shard_name", "triangle_size", "unpack_patterns",
-    "check_shard", "clean_stale_temporaries", "open_shard", "scan_shards", "shard_layouts", "write_index",
+    "check_shard", "clean_stale_temporaries", "open_shard", "scan_shards", "shard_layouts", "steps_being_written", "write_index",
     "read_study_json", "task_arrays", "task_from_record", "write_study_json",
     "Study", "open_study", "BackgroundWriter", "ShardWriter",
 ]

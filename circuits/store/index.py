@@ -162,6 +162,20 @@ def clean_stale_temporaries(study: Path) -> list[Path]:
     return removed
 
 
+def steps_being_written(study: Path) -> frozenset[int]:
+    """Steps whose shard a live process (not this one) is writing now: its temporary file is there."""
+    found = set()
+    try:
+        with os.scandir(Path(study) / SHARD_DIR) as entries:
+            for entry in entries:
+                m = TMP_RE.match(entry.name)
+                if m and m.group(1).startswith("step") and _pid_alive(int(m.group(2))):
+                    found.add(int(m.group(1)[4:12]))
+    except OSError:
+        pass
+    return frozenset(found)
+
+
 def _pid_alive(pid: int) -> bool:
     if pid == os.getpid():
         return False  # our own leftovers from an earlier, aborted sweep in this process
