@@ -595,12 +595,20 @@ def deleted_study(app_study, tmp_path_factory) -> Path:
     return out
 
 
+def _opened_cleanly(study, page: str):
+    at = run_page(study, page)
+    assert_clean(at)
+    return at
+
+
+def _warnings(at) -> list[str]:
+    return [_plain(str(w.value)) for w in at.warning]
+
+
 @pytest.mark.parametrize("page", PAGES)
 def test_deleted_shard_is_named_on_every_page(deleted_study, page):
-    at = run_page(deleted_study, page)
-    assert_clean(at)
-    warned = [_plain(str(w.value)) for w in at.warning]
-    assert "Left out: step 500 (shard missing); sweep the study again to replace it." in warned
+    at = _opened_cleanly(deleted_study, page)
+    assert "Left out: step 500 (shard missing); sweep the study again to replace it." in _warnings(at)
     assert "A sweep is writing" not in _plain(texts(at))  # not taken for a sweep still running
     if page == "overview":
         assert {m.label: m.value for m in at.metric}["Steps in the study"] == "4 of 5"
@@ -615,10 +623,8 @@ def test_deleted_shard_asked_for_is_corrected_with_a_note(deleted_study):
 
 @pytest.mark.parametrize("page", PAGES)
 def test_truncated_shard_is_named_on_every_page(damaged_study, page):
-    at = run_page(damaged_study, page)
-    assert_clean(at)
-    warned = [_plain(str(w.value)) for w in at.warning]
-    assert "Left out: step 450 (shard damaged); sweep the study again to replace it." in warned
+    at = _opened_cleanly(damaged_study, page)
+    assert "Left out: step 450 (shard damaged); sweep the study again to replace it." in _warnings(at)
 
 
 def test_truncated_shard_asked_for_is_corrected_with_a_note(damaged_study):
