@@ -7,6 +7,7 @@ that reproduce it. Every later stage (loading, sweeps, studies) starts from one.
 
 from __future__ import annotations
 
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -36,9 +37,18 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# A Hub revision (branch) name: what a Hub repo's branches look like, and nothing that could
+# step outside the cache's refs/ folder ("..", a leading "/") or break a one-line message.
+_REVISION_NAME = re.compile(r"^[A-Za-z0-9][\w.\-/]*$")
+
+
 class HubSource(_Strict):
     repo: Annotated[str, Field(pattern=r"^[\w.-]+/[\w.-]+$")]
     revision_format: str = "step{step}"
+    # Per-step revision names, for suites whose branch names are not one pattern of the step
+    # (OLMo's step1000-tokens4B, LLM360's ckpt_000); when given, it is what revision() reads.
+    # Manifest checks that it covers every step of the run.
+    revisions: dict[Annotated[int, Field(ge=0)], str] | None = None
 
     @field_validator("revision_format")
     @classmethod
@@ -47,7 +57,26 @@ class HubSource(_Strict):
             raise ValueError("must contain the placeholder {step}, e.g. 'step{step}'")
         return value
 
+    @field_validator("revisions")
+    @classmethod
+    def _names_are_branch_names(cls, value: dict[int, str] | None) -> dict[int, str] | None:
+        if value is None:
+            return value
+        if not value:
+            raise ValueError("must map at least one step to a revision name (or leave revisions out)")
+        seen: dict[str, int] = {}
+        for step, name in sorted(value.items()):
+            if not _REVISION_NAME.match(name) or ".." in name:
+                raise ValueError(f"step {step}: {name!r} is not a revision name (letters, digits, '_', '-', '.', '/'; "
+                                 "e.g. 'step1000-tokens4B')")
+            if name in seen:
+                raise ValueError(f"steps {seen[name]} and {step} both name revision {name!r}: each step needs its own")
+            seen[name] = step
+        return value
+
     def revision(self, step: int) -> str:
+        if self.revisions is not None:
+            return self.revisions[step]
         return self.revision_format.format(step=step)
 
 
@@ -74,7 +103,10 @@ class Manifest(_Strict):
     hub: HubSource | None = None
     local: LocalSource | None = None
     architecture: str | None = None
-    tokens_per_step: Annotated[int, Field(ge=1)]
+    # Shared with the layouts helper (identical change on both branches): tokens seen either as
+    # tokens_per_step (a constant batch) or as a per-step map {step: tokens_seen}; exactly one.
+    tokens_per_step: Annotated[int, Field(ge=1)] | None = None
+    tokens: dict[Annotated[int, Field(ge=0)], Annotated[int, Field(ge=0)]] | None = None
     steps: list[Annotated[int, Field(ge=0)]]
     # Set by load_manifest: the file this manifest was read from (for relative paths).
     origin: str | None = None
@@ -105,6 +137,28 @@ class Manifest(_Strict):
             raise ValueError("source is 'local' but the 'local' section (path, recipe, seed) is missing")
         return self
 
+    @model_validator(mode="after")
+    def _tokens_known(self) -> Manifest:
+        # Shared with the layouts helper (identical change on both branches).
+        if (self.tokens_per_step is None) == (self.tokens is None):
+            raise ValueError("give exactly one of tokens_per_step (tokens seen per step) and tokens "
+                             "(a map {step: tokens seen})")
+        if self.tokens is not None:
+            missing = next((s for s in self.steps if s not in self.tokens), None)
+            if missing is not None:
+                raise ValueError(f"tokens has no entry for step {missing} (it must cover every step of steps)")
+        return self
+
+    @model_validator(mode="after")
+    def _revisions_cover_steps(self) -> Manifest:
+        revisions = self.hub.revisions if self.hub is not None else None
+        if revisions is not None:
+            missing = next((s for s in self.steps if s not in revisions), None)
+            if missing is not None:
+                raise ValueError(f"hub.revisions has no revision for step {missing} "
+                                 f"(it must name one for every step of steps; {len(self.steps)} steps)")
+        return self
+
     @property
     def checkpoint_root(self) -> Path:
         """Folder holding ``step{N}/`` checkpoint folders of a local run."""
@@ -118,6 +172,9 @@ class Manifest(_Strict):
         return root
 
     def tokens_seen(self, step: int) -> int:
+        if self.tokens is not None:  # shared with the layouts helper
+            return self.tokens[step]
+        assert self.tokens_per_step is not None  # guaranteed by _tokens_known
         return step * self.tokens_per_step
 
     def require_step(self, step: int) -> None:
