@@ -299,3 +299,21 @@ def test_each_step_loads_its_own_revision_from_the_offline_cache(offline_loads: 
 
 def test_a_builtin_suite_manifest_loads_the_cached_revision_by_its_name(offline_loads: dict):
     assert offline_loads["amber-builtin@358"] <= 1e-5
+
+
+def test_discovery_refuses_the_crfm_gpt2_runs_in_one_line(tmp_path: Path):
+    """Mistral trained them with attention scaled by 1/layer (conf/models/mistral-*.yaml), which the
+    functional forward does not implement: the manifests say so, and discovery refuses by name."""
+    import transformers as tf
+
+    from circuits.discovery.functional import FunctionalModel
+    from circuits.loading import boot_transformers
+
+    config = tf.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                           scale_attn_by_inverse_layer_idx=True, reorder_and_upcast_attn=True)
+    torch.manual_seed(0)
+    save_snapshot(tf.GPT2LMHeadModel(config).eval(), tmp_path)
+    bridge = boot_transformers(str(tmp_path), None, "cpu", where=str(tmp_path))
+    message = one_line_error(FunctionalModel, bridge)
+    assert "does not support scale_attn_by_inverse_layer_idx=True" in message
+    assert "scale_attn_by_inverse_layer_idx=True" in load_manifest("alias-gpt2-small-x21").description
