@@ -80,7 +80,8 @@ def manifest_from_hub(repo: str, revisions: list[str] | None, *, name: str | Non
                       architecture: str | None = None) -> Manifest:
     """A manifest for the Hub repo ``repo`` whose steps are the given revision names (``None``:
     the repo's branches, listed online). Errors are one-line :class:`CircuitsError`."""
-    names = list_branches(repo) if revisions is None else [r.strip() for r in revisions if r.strip()]
+    given = list_branches(repo) if revisions is None else [r.strip() for r in revisions if r.strip()]
+    names = list(dict.fromkeys(given))  # a name listed twice is one revision
     parsed = _parse_all(repo, names)
     by_step = _one_per_step(repo, parsed)
     steps = sorted(by_step)

@@ -86,6 +86,10 @@ def test_two_revisions_of_one_step_are_refused_naming_both():
     assert "'step10-tokens1B' and 'step010-tokens1B' are both step 10" in message
 
 
+def test_a_name_listed_twice_is_one_revision():
+    assert manifest_from_hub("org/run", ["step10-tokens1B", "step10-tokens1B"]).steps == [10]
+
+
 def test_listing_branches_offline_asks_for_a_list_of_names(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     message = one_line_error(manifest_from_hub, "allenai/OLMo-1B-0724-hf", None)
