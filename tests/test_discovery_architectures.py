@@ -29,6 +29,9 @@ SMALL = {"vocab_size": VOCAB, "hidden_size": 32, "intermediate_size": 64, "num_h
          "initializer_range": 0.2}  # weights large enough that q and k edges matter (attention not uniform)
 
 
+CLIP = 0.5  # binds: with these weights |q|, |k|, |v| often exceed it (test_clip_qkv_binds_in_the_olmo_clip_family)
+
+
 def _configs() -> dict:
     import transformers as tf
 
@@ -36,6 +39,7 @@ def _configs() -> dict:
     return {
         "llama": (tf.LlamaConfig(**SMALL, num_key_value_heads=2), tf.LlamaForCausalLM),
         "olmo": (tf.OlmoConfig(**SMALL), tf.OlmoForCausalLM),
+        "olmo-clip-qkv": (tf.OlmoConfig(**SMALL, clip_qkv=CLIP), tf.OlmoForCausalLM),
         "olmo2": (tf.Olmo2Config(**SMALL, num_key_value_heads=2), tf.Olmo2ForCausalLM),
         "qwen2": (tf.Qwen2Config(**SMALL, num_key_value_heads=2), tf.Qwen2ForCausalLM),
         "gpt2": (tf.GPT2Config(**gpt_style), tf.GPT2LMHeadModel),
@@ -106,6 +110,18 @@ def test_functional_logits_equal_the_bridges(family):
     run = fm.run(tokens)  # every edge ablated with the run's own outputs: nothing changes
     again = fm.run(tokens, ablate=torch.ones(fm.spec.shape), reference=run.writers).logits
     assert functional._relative_error(again, expected) <= 1e-4, name
+
+
+def test_clip_qkv_binds_in_the_olmo_clip_family(tmp_path):
+    """The clipped family tests something: without the clip, the same weights give other logits."""
+    import transformers as tf
+
+    config, model_class = _configs()["olmo-clip-qkv"]
+    clipped = boot(save_tiny(tmp_path / "clipped", config, model_class))
+    unclipped = boot(save_tiny(tmp_path / "unclipped", tf.OlmoConfig(**SMALL), model_class))
+    tokens = torch.randint(3, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (clipped(tokens) - unclipped(tokens)).abs().max() > 1e-2
 
 
 def test_port_gradients_fast_path_equals_per_port_copies(family):

@@ -224,6 +224,7 @@ class FunctionalModel:
         self._read_norms(model)
         self.attn_scale = _attention_scale(model)
         self.attn_cap = float(getattr(cfg, "attn_scores_soft_cap", -1.0) or -1.0)
+        self.clip_qkv = _clip_qkv(model)
         self.logits_cap = float(getattr(cfg, "output_logits_soft_cap", -1.0) or -1.0)
         self.device = self.W_E.device
         self.dtype = self.W_E.dtype
@@ -501,6 +502,9 @@ class FunctionalModel:
         else:
             q = q_norm(q) if q_norm is not None else q
             k = k_norm(k) if k_norm is not None else k
+        if self.clip_qkv is not None:  # OLMo / OLMoE: after the QK-norm, before the rotary (as HF and TL)
+            c = self.clip_qkv
+            q, k, v = q.clamp(-c, c), k.clamp(-c, c), v.clamp(-c, c)
         return q, k, v
 
     def _pattern(self, q: Float[Tensor, "batch pos head d_head"], k: Float[Tensor, "batch pos head d_head"],
@@ -645,6 +649,12 @@ def _mlp_norm(block, parallel: bool):
 def _hf_attention(model):
     attn = model.blocks[0].attn
     return getattr(attn, "original_component", None)
+
+
+def _clip_qkv(model) -> float | None:
+    """OLMo's ``clip_qkv``: q, k and v clamped to [-c, c], read where TL's attention reads it."""
+    clip = getattr(getattr(_hf_attention(model), "config", None), "clip_qkv", None)
+    return None if clip is None else float(clip)
 
 
 def _attention_scale(model) -> float:
