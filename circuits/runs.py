@@ -18,6 +18,7 @@ import json
 import os
 import re
 import tempfile
+import warnings
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -76,34 +77,58 @@ def tl_config_dict(config: Any) -> dict[str, Any]:
     return data
 
 
-def _native_module(state: Mapping[str, Any], tl_config: dict[str, Any], where: str):
-    """A TL-native module of ``tl_config`` holding ``state`` (checked: every weight, right shapes)."""
+def _unwrapped_state(module: Any) -> dict[str, Any]:
+    """A bridged module's weights under its own names: the bridge wraps each submodule, adding
+    ``_original_component`` to the names of the weights it holds."""
+    return {".".join(p for p in name.split(".") if p != "_original_component"): value
+            for name, value in module.state_dict().items()}
+
+
+def _one_line(err: BaseException, limit: int = 240) -> str:
+    return " ".join(str(err).split())[:limit] or type(err).__name__
+
+
+def _native_module(state: Mapping[str, Any], tl_config: dict[str, Any], where: str, bridged: bool = False):
+    """A TL-native module of ``tl_config`` holding ``state`` (checked: every weight, right shapes).
+
+    ``bridged``: ``state`` comes from a bridge, which registers buffers of its own (a zero
+    unembedding bias): names the module does not have are left out."""
     try:
         module = new_native_model(tl_config)
     except (TypeError, ValueError, KeyError, AttributeError, AssertionError) as err:
         raise CircuitsError(f"{where}: the TransformerLens config does not describe a model ({first_line(err)})") from None
+    if bridged:
+        expected = module.state_dict().keys()
+        state = {k: v for k, v in state.items() if k in expected}
     try:
         module.load_state_dict(dict(state), strict=True)
     except (RuntimeError, TypeError) as err:
-        raise CircuitsError(f"{where}: the weights do not match the TransformerLens config ({first_line(err, 240)})") from None
+        raise CircuitsError(f"{where}: the weights do not match the TransformerLens config ({_one_line(err)})") from None
     return module.eval()
 
 
-def _hf_module(state: Mapping[str, Any], hf_config: Any, where: str):
-    """A Hugging Face causal LM of ``hf_config`` (a ``PretrainedConfig`` or its dict) holding ``state``."""
+def _hf_module(state: Mapping[str, Any], hf_config: Any, where: str, model_class: Any = None):
+    """A Hugging Face causal LM of ``hf_config`` (a ``PretrainedConfig`` or its dict) holding ``state``.
+
+    ``model_class``: the state comes from a bridge over a model of this class, whose modules the
+    bridge wrapped and aliased (the same weights under several names): only the class's own
+    names are kept."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
         if isinstance(hf_config, Mapping):
             fields = {k: v for k, v in hf_config.items() if k != "model_type"}
             hf_config = AutoConfig.for_model(str(hf_config["model_type"]), **fields)
-        model = AutoModelForCausalLM.from_config(hf_config)
+        model = AutoModelForCausalLM.from_config(hf_config) if model_class is None else model_class(hf_config)
     except (ValueError, KeyError, TypeError, AttributeError) as err:
         raise CircuitsError(f"{where}: the Hugging Face config does not describe a causal LM ({first_line(err)})") from None
+    if model_class is not None:
+        expected = model.state_dict().keys()
+        state = {k: v for k, v in state.items() if k in expected}
     try:
         model.load_state_dict(dict(state), strict=True)
     except (RuntimeError, TypeError) as err:
-        raise CircuitsError(f"{where}: the weights do not match the Hugging Face config ({first_line(err, 240)})") from None
+        raise CircuitsError(f"{where}: the weights do not match the Hugging Face config ({_one_line(err)})") from None
     return model.eval()
 
 
@@ -222,9 +247,10 @@ class RunWriter:
         if _is_bridge(model):
             inner = model.original_model
             if _is_hf_model(inner):
-                return "hf", (inner, tokenizer if tokenizer is not None else getattr(model, "tokenizer", None))
+                fresh = _hf_module(_unwrapped_state(inner), inner.config, where, model_class=type(inner))
+                return "hf", (fresh, tokenizer if tokenizer is not None else getattr(model, "tokenizer", None))
             tl_config = tl_config_dict(model.cfg)
-            return "native", (_native_module(inner.state_dict(), tl_config, where), tl_config)
+            return "native", (_native_module(_unwrapped_state(inner), tl_config, where, bridged=True), tl_config)
         if isinstance(model, Mapping):
             if config is None:
                 raise CircuitsError(f"{where}: a state dict needs its config (a TransformerLens config, or a Hugging "
@@ -314,10 +340,13 @@ def read_state_dict(path: str | Path) -> dict[str, Any]:
         except (SafetensorError, OSError, ValueError) as err:
             raise CircuitsError(f"{path}: damaged safetensors file ({first_line(err)})") from None
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns of the pickle it refuses: the error says it in one line
+            warnings.simplefilter("ignore")
+            data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        found = re.search(r"Unsupported (?:global|operand)[^\n.]*", str(err))
         raise CircuitsError(f"{path}: refused, it holds pickled objects other than tensors (read with "
-                            f"torch.load(weights_only=True) only: {first_line(err, 120)})") from None
+                            f"torch.load(weights_only=True) only{': ' + found.group(0) if found else ''})") from None
     except (RuntimeError, OSError, EOFError, ValueError) as err:
         raise CircuitsError(f"{path}: not a PyTorch weights file ({first_line(err)})") from None
     if isinstance(data, Mapping) and not all(isinstance(v, torch.Tensor) for v in data.values()):
