@@ -24,8 +24,8 @@ from circuits import store
 from circuits.checkpoint import new_native_model
 from circuits.config import SweepConfig
 from circuits.errors import CircuitsError
-from circuits.steps import log_then_linear
 from circuits.follow import DONE_MARKER, FOLLOW_LOG, checkpoint_complete, trust_steps_so_far
+from circuits.steps import log_then_linear
 from circuits.sweep import sweep
 from circuits.training import CheckpointSaver
 
@@ -35,6 +35,8 @@ from study_helpers import datasets  # noqa: E402
 
 JOBS = Path(__file__).parent / "follow_jobs.py"
 WAIT = 300.0  # seconds before a test gives up on a process (a failure, not a measurement)
+# Tests on a followed training job or a Trainer run are journeys (``slow``: a minute of processes),
+# kept on one xdist worker (``xdist_group``) so that each module fixture runs once.
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 
 
@@ -104,6 +106,8 @@ def followed(tmp_path_factory) -> Followed:
     return Followed(run, study, first, second, trainer, visits, landed_at_kill, landed_before_release)
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("follow")
 def test_the_followed_study_ends_with_every_checkpoint_of_the_run(followed):
     steps = circuits.load_manifest(followed.run).steps
     assert steps == follow_jobs.SCHEDULE
@@ -112,32 +116,44 @@ def test_the_followed_study_ends_with_every_checkpoint_of_the_run(followed):
     assert [int(study.array_at(s, "visit/step")) for s in steps] == steps  # each shard is its own step's
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("follow")
 def test_the_restarted_follower_visits_each_checkpoint_the_first_did_not_land_once(followed):
     second = visits_by(followed.visits, followed.second.pid)
     assert sorted(second) == sorted(set(follow_jobs.SCHEDULE) - set(followed.landed_at_kill))
     assert len(second) == len(set(second))
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("follow")
 def test_shards_landed_before_the_kill_are_never_written_again(followed):
     assert followed.landed_at_kill  # the kill came after some shards had landed
     now = shard_files(followed.study)
     assert {step: now[step] for step in followed.landed_at_kill} == followed.landed_at_kill
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("follow")
 def test_the_restarted_follower_followed_checkpoints_that_landed_after_it_started(followed):
     later = set(follow_jobs.SCHEDULE) - followed.landed_before_release
     assert later and later <= set(visits_by(followed.visits, followed.second.pid))
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("follow")
 def test_the_first_follower_waited_for_a_run_that_did_not_exist_yet(followed):
     assert visits_by(followed.visits, followed.first.pid)[0] == follow_jobs.SCHEDULE[0]
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("follow")
 def test_nothing_is_set_aside_or_left_half_written(followed):
     names = [p.name for p in (followed.study / store.SHARD_DIR).iterdir()]
     assert sorted(names) == sorted(store.shard_name(s) for s in follow_jobs.SCHEDULE)
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("follow")
 def test_the_index_and_study_record_describe_the_whole_run(followed):
     with h5py.File(followed.study / store.INDEX_FILE, "r") as f:
         assert list(f["steps"][()]) == follow_jobs.SCHEDULE
@@ -147,11 +163,15 @@ def test_the_index_and_study_record_describe_the_whole_run(followed):
     assert yaml.safe_load(record["manifest"])["steps"] == follow_jobs.SCHEDULE
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("follow")
 def test_the_follower_stopped_because_the_run_said_it_was_done(followed):
     # Its --idle was 600 s and it ended well within the test's wait: the marker stopped it.
     assert followed.second.returncode == 0 and (followed.run / DONE_MARKER).exists()
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("follow")
 def test_a_followed_study_holds_what_a_sweep_of_the_finished_run_holds(followed, tmp_path):
     reference = tmp_path / "reference"
     sweep(followed.run, "induction", reference, analyses=[("visit", follow_jobs.visited_step)],
@@ -330,7 +350,13 @@ class _LogitsAtEachStep:
 @pytest.fixture(scope="module")
 def trained_with_callback(tmp_path_factory):
     """Six steps of ``Trainer`` on a tiny GPT-NeoX, saved by the callback, followed in the background."""
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, Trainer, TrainerCallback, TrainingArguments
+    from transformers import (
+        GPTNeoXConfig,
+        GPTNeoXForCausalLM,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
 
     from circuits.training import CheckpointCallback
 
@@ -360,6 +386,8 @@ def trained_with_callback(tmp_path_factory):
     return tmp, probe
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("follow")
 def test_the_trainer_callback_saves_each_scheduled_step_with_its_models_logits(trained_with_callback):
     tmp, probe = trained_with_callback
     manifest = circuits.load_manifest(tmp / "run")
@@ -370,6 +398,8 @@ def test_the_trainer_callback_saves_each_scheduled_step_with_its_models_logits(t
         torch.testing.assert_close(got, probe.logits[step], atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("follow")
 def test_the_trainer_callback_marks_the_run_done_and_its_follower_studies_every_step(trained_with_callback):
     tmp, _ = trained_with_callback
     assert (tmp / "run" / DONE_MARKER).exists()
