@@ -18,6 +18,8 @@ from circuits.checkpoint import bridge_native_module, new_native_model
 from circuits.errors import CircuitsError
 from circuits.runs import import_weights
 
+sys.path.insert(0, str(Path(__file__).parent))
+
 ATOL = 1e-5
 TL_CONFIG = {"d_model": 32, "n_layers": 2, "n_heads": 4, "d_head": 8, "n_ctx": 17, "d_vocab": 24,
              "attn_only": True, "normalization_type": "LN", "act_fn": "relu",
@@ -178,3 +180,21 @@ def test_a_pt_holding_other_pickled_objects_is_refused_in_one_line_and_runs_noth
     assert done.returncode == 2
     assert len(done.stderr.strip().splitlines()) == 1 and "refused" in done.stderr and "evil.pt" in done.stderr
     assert not target.exists() and not (tmp_path / "run").exists()
+
+
+def test_a_hugging_face_model_is_written_with_its_tokenizer(tmp_path):
+    from tiny_tokenizers import word_level_tokenizer
+
+    tokenizer = word_level_tokenizer([f"w{i}" for i in range(20)])
+    circuits.from_model(tiny_gptneox(), tmp_path / "run", step=0, tokens_per_step=10, tokenizer=tokenizer)
+    booted = circuits.load(tmp_path / "run", 0)
+    words = tokenizer.encode("w3 w7", add_special_tokens=False)
+    assert booted.tokenizer.encode("w3 w7", add_special_tokens=False) == words and len(words) == 2
+
+
+def test_import_weights_with_a_hugging_face_config_boots_with_the_models_logits(tmp_path):
+    model = tiny_gptneox()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    (tmp_path / "config.json").write_text(model.config.to_json_string())
+    import_weights(tmp_path / "w.safetensors", tmp_path / "config.json", tmp_path / "run", step=3, tokens_per_step=10)
+    torch.testing.assert_close(booted_logits(tmp_path / "run", 3), logits_of(model), atol=ATOL, rtol=0)
