@@ -11,6 +11,7 @@ from typing import Annotated, Any
 
 import typer
 
+from circuits.config import FOLLOW_IDLE, FOLLOW_POLL
 from circuits.errors import CircuitsError
 
 app = typer.Typer(
@@ -107,8 +108,8 @@ def sweep(
     workers: Annotated[int | None, typer.Option(help="ray: steps in flight at once (default: the cluster's CPUs, or GPUs with --device cuda)")] = None,
     ray_address: Annotated[str | None, typer.Option(help="ray: join this cluster (auto, host:6379, ray://host:10001) instead of starting a local instance")] = None,
     follow: Annotated[bool, typer.Option("--follow", help="A run still training: after the steps present, visit new checkpoints as they land, until the run writes training.done or --idle seconds pass without one (docs/follow.md)")] = False,
-    idle: Annotated[float, typer.Option(help="--follow: stop after this many seconds without a new checkpoint")] = 1800.0,
-    poll: Annotated[float, typer.Option(help="--follow: look for new checkpoints every this many seconds")] = 5.0,
+    idle: Annotated[float, typer.Option(help="--follow: stop after this many seconds without a new checkpoint")] = FOLLOW_IDLE,
+    poll: Annotated[float, typer.Option(help="--follow: look for new checkpoints every this many seconds")] = FOLLOW_POLL,
 ) -> None:
     """Cache patterns, activations, logits, loss, metric, head scores and (with --method) the circuit of every selected step."""
     from circuits.config import SweepConfig
