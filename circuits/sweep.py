@@ -180,9 +180,7 @@ class _Runners:
 
     config: SweepConfig
     given: Executor | None
-
-    def __post_init__(self) -> None:
-        self.made: Executor | None = None
+    made: Executor | None = None
 
     @property
     def current(self) -> Executor | None:
