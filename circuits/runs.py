@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import tempfile
 import warnings
 from collections.abc import Mapping
@@ -275,12 +276,16 @@ class RunWriter:
 
         final = self.run_dir / step_dirname(step)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=self.run_dir))
-        with contextlib.redirect_stderr(io.StringIO()):  # transformers' "Writing model shards" bar
-            model.save_pretrained(tmp)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(tmp)
-        (tmp / STEP_INFO).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
-        os.replace(tmp, final)
+        try:
+            with contextlib.redirect_stderr(io.StringIO()):  # transformers' "Writing model shards" bar
+                model.save_pretrained(tmp)
+                if tokenizer is not None:
+                    tokenizer.save_pretrained(tmp)
+            (tmp / STEP_INFO).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written is left under a step's name
+            raise
         return final
 
     def _write_manifest(self) -> None:

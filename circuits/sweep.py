@@ -224,7 +224,8 @@ def _sweep_steps(manifest: Manifest, selected: list[int], task: str | Path | Tas
     if not (out / store.INDEX_FILE).exists() or not pending:
         store.write_index(out, landed.layouts, landed.tokens, prepared.index_provenance)
     if pending and runner is not None:
-        _run(prepared, pending, landed, runner, progress=config.progress, total=len(selected))
+        _run(prepared, pending, landed, runner, progress=config.progress, total=len(selected),
+             throttle=0.0 if config.follow else INDEX_THROTTLE)
 
 
 def _same_run_grown(manifest: Manifest, stored: str) -> bool:
@@ -361,8 +362,11 @@ def _prepare(manifest: Manifest, task: str | Path | Task, out: Path, config: Swe
 
 
 def _run(prepared: _Prepared, pending: list[int], landed: Landed, runner: Executor, *, progress: bool,
-         total: int) -> None:
-    """Run the pending steps on ``runner``, rebuilding the index as their shards land."""
+         total: int, throttle: float = INDEX_THROTTLE) -> None:
+    """Run the pending steps on ``runner``, rebuilding the index as their shards land.
+
+    ``throttle`` 0 rebuilds it at every shard: a follower's shards land at the pace of training,
+    and the index is then current after each step."""
     from tqdm.auto import tqdm
 
     out, layouts, tokens = prepared.spec.out, landed.layouts, landed.tokens
@@ -378,13 +382,13 @@ def _run(prepared: _Prepared, pending: list[int], landed: Landed, runner: Execut
     def on_landed(result: StepResult) -> None:
         """A shard landed (on the writer thread locally, in this thread for Ray): rebuild the index.
 
-        Its cost grows with the steps landed, so it is rebuilt at most once per INDEX_THROTTLE
+        Its cost grows with the steps landed, so it is rebuilt at most once per ``throttle``
         times its last duration (<= ~10% of the time on tiny models), and always at the end.
         """
         layouts[result.step] = result.layout
         tokens[result.step] = result.tokens_seen
         index["stale"] = True
-        if time.perf_counter() - index["at"] >= INDEX_THROTTLE * index["took"]:
+        if time.perf_counter() - index["at"] >= throttle * index["took"]:
             rebuild_index()
         metric = result.summary.metric_clean if result.summary is not None else float("nan")
         bar.set_postfix(step=result.step, metric=f"{metric:.3f}")

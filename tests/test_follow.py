@@ -64,6 +64,14 @@ def shard_files(study: Path) -> dict[int, tuple[int, int]]:
     return {step: (path.stat().st_ino, path.stat().st_mtime_ns) for step, path in store.scan_shards(study).items()}
 
 
+def index_steps(study: Path) -> set[int]:
+    try:
+        with h5py.File(study / store.INDEX_FILE, "r") as f:
+            return {int(s) for s in f["steps"][()]}
+    except (OSError, KeyError):  # not written yet, or being replaced
+        return set()
+
+
 @dataclass
 class Followed:
     run: Path
@@ -74,6 +82,7 @@ class Followed:
     visits: Path
     landed_at_kill: dict[int, tuple[int, int]]
     landed_before_release: set[int]
+    index_while_waiting: set[int]  # the index's steps while the job waited for the test
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +104,8 @@ def followed(tmp_path_factory) -> Followed:
         part = set(follow_jobs.SCHEDULE[: follow_jobs.FIRST_PART])
         wait_until(lambda: part <= set(store.scan_shards(study)), "the checkpoints written so far")
         landed_before_release = set(store.scan_shards(study))
+        wait_until(lambda: index_steps(study) >= landed_before_release, "the index of the shards landed so far")
+        index_while_waiting = index_steps(study)
         release.touch()  # the job writes the rest of its checkpoints now
         second.wait(WAIT)
         trainer.wait(WAIT)
@@ -103,7 +114,8 @@ def followed(tmp_path_factory) -> Followed:
             if process.poll() is None:
                 process.kill()
     assert trainer.returncode == 0 and second.returncode == 0, log.read_text()[-3000:]
-    return Followed(run, study, first, second, trainer, visits, landed_at_kill, landed_before_release)
+    return Followed(run, study, first, second, trainer, visits, landed_at_kill, landed_before_release,
+                    index_while_waiting)
 
 
 @pytest.mark.slow
@@ -161,6 +173,12 @@ def test_the_index_and_study_record_describe_the_whole_run(followed):
     record = json.loads((followed.study / store.STUDY_FILE).read_text())
     assert record["steps"] == follow_jobs.SCHEDULE
     assert yaml.safe_load(record["manifest"])["steps"] == follow_jobs.SCHEDULE
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("follow")
+def test_the_index_is_current_while_the_run_waits_for_its_next_checkpoint(followed):
+    assert followed.index_while_waiting == followed.landed_before_release
 
 
 @pytest.mark.slow
