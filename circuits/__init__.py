@@ -22,6 +22,8 @@ _LAZY = {
     "make_task": "circuits.tasks",
     "load_task_file": "circuits.task_files",
     "open_study": "circuits.store",
+    "from_model": "circuits.runs",
+    "CheckpointSaver": "circuits.training",
 }
 
 

@@ -11,6 +11,7 @@ from typing import Annotated, Any
 
 import typer
 
+from circuits.config import FOLLOW_IDLE, FOLLOW_POLL
 from circuits.errors import CircuitsError
 
 app = typer.Typer(
@@ -106,6 +107,9 @@ def sweep(
     executor: Annotated[str, typer.Option(help="Where steps run: local (this process) or ray (one task per step; docs/scaling.md)")] = "local",
     workers: Annotated[int | None, typer.Option(help="ray: steps in flight at once (default: the cluster's CPUs, or GPUs with --device cuda)")] = None,
     ray_address: Annotated[str | None, typer.Option(help="ray: join this cluster (auto, host:6379, ray://host:10001) instead of starting a local instance")] = None,
+    follow: Annotated[bool, typer.Option("--follow", help="A run still training: after the steps present, visit new checkpoints as they land, until the run writes training.done or --idle seconds pass without one (docs/follow.md)")] = False,
+    idle: Annotated[float, typer.Option(help="--follow: stop after this many seconds without a new checkpoint")] = FOLLOW_IDLE,
+    poll: Annotated[float, typer.Option(help="--follow: look for new checkpoints every this many seconds")] = FOLLOW_POLL,
 ) -> None:
     """Cache patterns, activations, logits, loss, metric, head scores and (with --method) the circuit of every selected step."""
     from circuits.config import SweepConfig
@@ -115,9 +119,26 @@ def sweep(
                          n_examples=n_examples, method=method, ig_steps=ig_steps, target=target,
                          resamples=resamples, stable_share=stable_share, trust_steps=trust_steps,
                          trust_max_edges=trust_max_edges, node_effects=node_effects, max_memory=max_memory,
-                         keep_logits=keep_logits, progress=not no_progress, executor=executor, workers=workers, ray_address=ray_address)
+                         keep_logits=keep_logits, progress=not no_progress, executor=executor, workers=workers, ray_address=ray_address,
+                         follow=follow, idle=idle, poll=poll)
     study = run_sweep(manifest, task, out, config)
     typer.echo(f"study {out}: {len(study.steps)} steps, {study.n_examples} prompts of {study.seq_len} tokens")
+
+
+@app.command("import-weights")
+def import_weights(
+    weights: Annotated[Path, typer.Argument(help="Weights: .safetensors, or .pt/.pth/.bin (read with torch.load(weights_only=True) only)")],
+    config: Annotated[Path, typer.Option(help="The model's config JSON: a TransformerLens config, or a Hugging Face config.json (with model_type)")],
+    step: Annotated[int, typer.Option(help="Training step of these weights")],
+    out: Annotated[Path, typer.Option(help="Run folder (created; an existing one of ours takes the new step)")],
+    tokens_per_step: Annotated[int | None, typer.Option(help="Tokens each training step saw (batch x sequence length); needed for a new run")] = None,
+    name: Annotated[str | None, typer.Option(help="Run name in the manifest (default: the folder's name)")] = None,
+) -> None:
+    """Write given weights as one checkpoint of a run folder (manifest.yaml + step folder, safetensors), ready to sweep."""
+    from circuits.runs import import_weights as write_step
+
+    manifest = write_step(weights, config, out, step=step, tokens_per_step=tokens_per_step, name=name)
+    typer.echo(f"run {out}: step {step} written; {len(manifest.steps)} steps ({manifest.architecture})")
 
 
 @app.command()

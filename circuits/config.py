@@ -36,6 +36,10 @@ NODE_EXACT_MAX = 64
 # The working set of discovery (circuits.discovery.budget): at most this, and at most half the
 # memory available when a step starts (on CUDA: the device's free memory).
 MAX_MEMORY_DEFAULT = 2 * 2**30
+# --follow (circuits.follow): stop after this many seconds without a new checkpoint (unless the
+# run says it is done first), looking for new ones every POLL seconds.
+FOLLOW_IDLE = 1800.0
+FOLLOW_POLL = 5.0
 _UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,
           "g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12, "tib": 2**40}
 
@@ -121,6 +125,9 @@ class SweepConfig:
 
     ``executor`` is ``local`` (this process, one step at a time) or ``ray`` (one Ray task per
     step, ``workers`` at a time, on a local instance or the cluster at ``ray_address``).
+
+    ``follow``: after the steps present, keep visiting new checkpoints as they land, until the
+    run writes its completion marker or ``idle`` seconds pass without one (``circuits.follow``).
     """
 
     steps: str | None = None
@@ -145,6 +152,9 @@ class SweepConfig:
     executor: str = "local"
     workers: int | None = None
     ray_address: str | None = None
+    follow: bool = False
+    idle: float = FOLLOW_IDLE
+    poll: float = FOLLOW_POLL
 
     def __post_init__(self) -> None:
         if isinstance(self.hooks, list):  # a frozen dataclass stays hashable: lists become tuples
@@ -173,6 +183,17 @@ class SweepConfig:
             parse_memory(self.max_memory)
         check_device(self.device)
         self._check_executor()
+        self._check_follow()
+
+    def _check_follow(self) -> None:
+        if not isinstance(self.follow, bool):
+            raise CircuitsError(f"--follow {self.follow!r}: expected True or False")
+        for option, value, default in (("--idle", self.idle, FOLLOW_IDLE), ("--poll", self.poll, FOLLOW_POLL)):
+            if not _number(value) or not value > 0:
+                raise CircuitsError(f"{option} {value!r}: expected a number of seconds above 0 (default {default:g})")
+        if self.follow and self.steps not in (None, "all"):
+            raise CircuitsError(f"--steps {self.steps!r} with --follow: a follower visits every checkpoint as it "
+                                "lands; leave out --steps (or sweep the steps you want once the run is done)")
 
     def _check_executor(self) -> None:
         if self.executor not in EXECUTORS:

@@ -11,6 +11,7 @@ queued for writing).
 
 from __future__ import annotations
 
+import sys
 import time
 import warnings
 from collections.abc import Sequence
@@ -132,8 +133,9 @@ def sweep(
     (``sweep(run, "induction", out, steps="first:3", method="eap")``). Every setting is
     checked before anything is loaded or written. Resumable: complete shards are skipped; a
     study made with another manifest, task, prompts, hooks, dtype or ``keep_logits`` is
-    refused. Returns the opened Study. ``analyses=None`` runs the built-in ones
-    (``builtin_analyses(method)``); pass ``()`` for none.
+    refused (a manifest that only lists more steps than the study's is the same run, grown:
+    the study takes the new one). Returns the opened Study. ``analyses=None`` runs the built-in
+    ones (``builtin_analyses(method)``); pass ``()`` for none.
 
     ``task`` is a built-in task's name, a task file (``PATH.jsonl`` or ``PATH.csv``, read with
     the model's tokenizer: ``circuits.task_files``) or a ``Task``.
@@ -141,23 +143,72 @@ def sweep(
     Each pending step runs on the config's executor (``local``: this process; ``ray``: one Ray
     task per step; see docs/scaling.md), or on an executor object from ``circuits.executors``
     passed as ``executor``. Shards are the unit, so a sweep resumes whatever executor began it.
+
+    ``follow=True`` (``circuits sweep --follow``): ``manifest`` is a local run still training;
+    after the checkpoints present, new ones are visited as they land, until the run writes its
+    completion marker or ``idle`` seconds pass without a new checkpoint (``_follow``).
     """
     runner = None if executor is None or isinstance(executor, str) else executor
     if isinstance(executor, str):
         settings["executor"] = executor
     config = (config or SweepConfig()).with_settings(**settings)
-    manifest = manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
-    selected = select_steps(config.steps, manifest.steps)
+    if not config.follow:
+        manifest = manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
+        selected = select_steps(config.steps, manifest.steps)
     analyses = builtin_analyses(config.method) if analyses is None else analyses
     _check_analysis_names(analyses)
-    task_name = task_name_of(task)
+    task_name_of(task)  # a task file that is not there: refused before anything is loaded
 
     out = Path(out)
     _check_writable(out)
+    runners = _Runners(config, runner)
+    try:
+        if config.follow:
+            _follow(manifest, task, out, config, tuple(analyses), runners)
+        else:
+            assert isinstance(manifest, Manifest)  # loaded above
+            _sweep_steps(manifest, selected, task, out, config, tuple(analyses), runners,
+                         trust_at=spread_steps(selected, config.trust_steps))
+    finally:
+        runners.close()
+    return store.open_study(out)
+
+
+@dataclass
+class _Runners:
+    """The executor of a sweep: the caller's, or one made on first need (and closed at the end)."""
+
+    config: SweepConfig
+    given: Executor | None
+    made: Executor | None = None
+
+    @property
+    def current(self) -> Executor | None:
+        return self.given or self.made
+
+    def get(self) -> Executor:
+        """Started before any model is loaded: an unreachable cluster fails fast."""
+        if self.current is None:
+            self.made = make_executor(self.config)
+        runner = self.current
+        assert runner is not None
+        return runner
+
+    def close(self) -> None:
+        if self.made is not None:
+            self.made.close()
+            self.made = None
+
+
+def _sweep_steps(manifest: Manifest, selected: list[int], task: str | Path | Task, out: Path, config: SweepConfig,
+                 analyses: tuple[tuple[str, Analysis], ...], runners: _Runners, trust_at: list[int]) -> None:
+    """Land a shard for each of ``selected`` that has none yet (the study folder checked first)."""
+    task_name = task_name_of(task)
     store.clean_stale_temporaries(out)
     existing = store.read_study_json(out)
     if existing is not None:
-        _refuse_mismatch(out, existing, "manifest", manifest.to_yaml(), existing["manifest"], "use the same manifest")
+        if not _same_run_grown(manifest, existing["manifest"]):
+            _refuse_mismatch(out, existing, "manifest", manifest.to_yaml(), existing["manifest"], "use the same manifest")
         made_by = existing["task"].get("options", {}).get("file") or existing["task"]["name"]  # a task file: its path
         _refuse_mismatch(out, existing, "task", task_name, existing["task"]["name"], f"use --task {made_by}")
         _refuse_mismatch(out, existing, "dtype", config.dtype, existing["dtype"], f"use --dtype {existing['dtype']}")
@@ -166,23 +217,95 @@ def sweep(
                          "add --keep-logits" if existing["keep_logits"] else "leave out --keep-logits")
     landed = _landed_shards(out, selected)
     pending = [s for s in selected if s not in landed.done]
+    runner = runners.get() if pending else runners.current
+    prepared = _prepare(manifest, task, out, config, analyses, existing, (pending or selected)[0],
+                        reuse_model=isinstance(runner, LocalExecutor), trust_at=trust_at, selected=selected)
+    _move_aside(landed.damaged)
+    if not (out / store.INDEX_FILE).exists() or not pending:
+        store.write_index(out, landed.layouts, landed.tokens, prepared.index_provenance)
+    if pending and runner is not None:
+        _run(prepared, pending, landed, runner, progress=config.progress, total=len(selected),
+             throttle=0.0 if config.follow else INDEX_THROTTLE)
 
-    own = runner is None
-    if pending and own:  # started before any model is loaded: an unreachable cluster fails fast
-        runner = make_executor(config)
+
+def _same_run_grown(manifest: Manifest, stored: str) -> bool:
+    """``manifest`` is the study's run, listing the same steps or more (a run still training).
+
+    Every field but ``steps`` must be equal, and every step the study's manifest listed must
+    still be there: a run folder whose checkpoints were replaced is another run.
+    """
+    import yaml
+
+    ours = yaml.safe_load(manifest.to_yaml())
     try:
-        prepared = _prepare(manifest, task, out, config, tuple(analyses), existing, (pending or selected)[0],
-                            reuse_model=isinstance(runner, LocalExecutor),
-                            trust_at=spread_steps(selected, config.trust_steps), selected=selected)
-        _move_aside(landed.damaged)
-        if not (out / store.INDEX_FILE).exists() or not pending:
-            store.write_index(out, landed.layouts, landed.tokens, prepared.index_provenance)
-        if pending and runner is not None:
-            _run(prepared, pending, landed, runner, progress=config.progress, total=len(selected))
-    finally:
-        if own and runner is not None:
-            runner.close()
-    return store.open_study(out)
+        theirs = yaml.safe_load(stored)
+    except yaml.YAMLError:
+        return False
+    if not isinstance(theirs, dict) or not isinstance(theirs.get("steps"), list):
+        return False
+    same_fields = {k: v for k, v in ours.items() if k != "steps"} == {k: v for k, v in theirs.items() if k != "steps"}
+    return same_fields and set(theirs["steps"]) <= set(ours["steps"])
+
+
+def _follow(source: Manifest | str | Path, task: str | Path | Task, out: Path, config: SweepConfig,
+            analyses: tuple[tuple[str, Analysis], ...], runners: _Runners) -> None:
+    """Sweep a run still training: each poll re-reads its manifest and visits the steps whose
+    checkpoints are complete and not yet visited (``circuits.follow``), until the run's
+    completion marker is seen with nothing left to visit, or ``config.idle`` seconds pass with
+    nothing new. Every round is an ordinary sweep of the steps landed so far, so a follower
+    killed at any point resumes as a sweep does: complete shards are skipped.
+    """
+    from circuits.follow import IdleClock, run_finished, step_ready, trust_steps_so_far
+
+    path, run_dir = _followed(source)
+    clock = IdleClock(config.idle, config.poll)
+    seen: set[int] = set()
+    manifest: Manifest | None = None
+    problem: CircuitsError | None = None
+    waiting_said = False
+    while True:
+        finished = run_finished(run_dir)  # read before the manifest: then that manifest is the run's last
+        try:
+            manifest, problem = load_manifest(path), None
+        except CircuitsError as err:  # not written yet (or rewritten by a writer that is not atomic)
+            problem = err
+        if manifest is not None and manifest.source != "local":
+            raise CircuitsError(f"manifest {manifest.name}: --follow follows a local run still training; "
+                                f"{manifest.name} is a {manifest.source} run (sweep it without --follow)")
+        ready = [s for s in manifest.steps if s in seen or step_ready(manifest, s)] if manifest else []
+        if manifest is not None and set(ready) - seen:
+            _sweep_steps(manifest, ready, task, out, config, analyses, runners,
+                         trust_at=trust_steps_so_far(ready, config.trust_steps, finished))
+            seen |= set(ready)
+            clock.restart()
+            continue  # at once: more may have landed during the visits
+        if finished or clock.expired():
+            break
+        if not seen and not waiting_said and config.progress:
+            print(f"following {run_dir}: waiting for its first complete checkpoint", file=sys.stderr)
+            waiting_said = True
+        clock.wait()
+    if not seen:
+        why = "the run finished" if finished else f"--idle {config.idle:g} s passed"
+        raise CircuitsError(f"{run_dir}: {why} with no complete checkpoint to follow"
+                            + (f" ({problem})" if problem is not None else ""))
+    never = [s for s in (manifest.steps if manifest else []) if s not in seen]
+    if never:
+        warnings.warn(f"{run_dir}: steps {', '.join(map(str, never))} are in the manifest but their checkpoints "
+                      "never became complete; not visited (sweep again once they are)", stacklevel=3)
+
+
+def _followed(source: Manifest | str | Path) -> tuple[Path, Path]:
+    """(what to re-read the manifest from, the run folder where the completion marker lands)."""
+    from circuits.follow import run_folder
+
+    if isinstance(source, Manifest):
+        run_dir = run_folder(source)
+        return Path(str(source.origin)), run_dir
+    path = Path(source)
+    if path.suffix in (".yaml", ".yml"):
+        return path, path.parent
+    return path, path
 
 
 @dataclass
@@ -224,8 +347,11 @@ def _prepare(manifest: Manifest, task: str | Path | Task, out: Path, config: Swe
         # every sweep's selection, so that a step selected once and without a shard reads as
         # missing, not as never asked for (the app names such steps)
         steps = sorted(set(existing.get("steps") or []) | set(selected))
-        if steps != existing.get("steps"):
-            record = existing | {"steps": steps}
+        # a run still training lists more steps at each sweep (``_same_run_grown``): the study
+        # describes the run as it is now, so that its reader loads the newest steps too
+        grown = {"manifest": manifest.to_yaml()} if manifest.to_yaml() != existing["manifest"] else {}
+        if steps != existing.get("steps") or grown:
+            record = existing | {"steps": steps} | grown
             store.write_study_json(out, record)
     index_provenance = {k: v for k, v in record.items() if k != "task"}
     plan = VisitPlan(manifest=manifest, task=task, hooks=hook_names, dtype=config.dtype,
@@ -236,8 +362,11 @@ def _prepare(manifest: Manifest, task: str | Path | Task, out: Path, config: Swe
 
 
 def _run(prepared: _Prepared, pending: list[int], landed: Landed, runner: Executor, *, progress: bool,
-         total: int) -> None:
-    """Run the pending steps on ``runner``, rebuilding the index as their shards land."""
+         total: int, throttle: float = INDEX_THROTTLE) -> None:
+    """Run the pending steps on ``runner``, rebuilding the index as their shards land.
+
+    ``throttle`` 0 rebuilds it at every shard: a follower's shards land at the pace of training,
+    and the index is then current after each step."""
     from tqdm.auto import tqdm
 
     out, layouts, tokens = prepared.spec.out, landed.layouts, landed.tokens
@@ -253,13 +382,13 @@ def _run(prepared: _Prepared, pending: list[int], landed: Landed, runner: Execut
     def on_landed(result: StepResult) -> None:
         """A shard landed (on the writer thread locally, in this thread for Ray): rebuild the index.
 
-        Its cost grows with the steps landed, so it is rebuilt at most once per INDEX_THROTTLE
+        Its cost grows with the steps landed, so it is rebuilt at most once per ``throttle``
         times its last duration (<= ~10% of the time on tiny models), and always at the end.
         """
         layouts[result.step] = result.layout
         tokens[result.step] = result.tokens_seen
         index["stale"] = True
-        if time.perf_counter() - index["at"] >= INDEX_THROTTLE * index["took"]:
+        if time.perf_counter() - index["at"] >= throttle * index["took"]:
             rebuild_index()
         metric = result.summary.metric_clean if result.summary is not None else float("nan")
         bar.set_postfix(step=result.step, metric=f"{metric:.3f}")
