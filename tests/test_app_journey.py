@@ -196,3 +196,41 @@ def test_back_and_forward_move_the_circuit_pages_step(offline_page, server):  # 
     assert slider_step(pg) == b
     no_traceback(pg)
     assert not pg.attempted, pg.attempted
+
+
+def in_view(pg, selector: str) -> bool:
+    """Whether every element matching ``selector`` (at least one) lies inside the 1400 x 900 viewport."""
+    return pg.evaluate(
+        """sel => { const roots = [document, ...[...document.querySelectorAll('*')].map(e => e.shadowRoot)
+                                               .filter(Boolean)];
+            const found = roots.flatMap(r => [...r.querySelectorAll(sel)]);
+            return found.length > 0 && found.every(el => { const r = el.getBoundingClientRect();
+                return r.top >= 0 && r.left >= 0 && r.bottom <= innerHeight && r.right <= innerWidth; }); }""",
+        selector)
+
+
+def test_play_on_the_landing_page_keeps_timeline_and_graph_in_view(offline_page, server):  # noqa: F811
+    base, path = server
+    pg = offline_page
+    steps = [int(s) for s in _study(path).steps]
+    pg.goto(f"{base}/?step={steps[0]}&speed=0.5")
+    pg.wait_for_selector(GRAPH, timeout=60_000)
+    settle(pg)
+    pg.locator(".st-key-formation-play[data-stale='false'] button").first.click()
+    seen, out_of_view = [], []
+    for _ in range(600):  # each poll: where play is, and whether timeline and graph are on screen
+        shown = graph_step(pg)
+        if not seen or seen[-1] != shown:
+            seen.append(shown)
+        # the timeline and every node of the graph (its drawing, not the margin of its box)
+        if not (in_view(pg, "[data-testid='stPlotlyChart']") and in_view(pg, f"{GRAPH} [data-node]")):
+            out_of_view.append(shown)
+        if shown == steps[-1]:
+            break
+        pg.wait_for_timeout(100)
+    assert seen[-1] == steps[-1] and len(seen) >= 3, seen  # played on to the last step
+    assert all(step in steps for step in seen) and seen == sorted(seen), seen
+    assert not out_of_view, out_of_view
+    pg.locator(".st-key-formation-play[data-stale='false'] button").first.wait_for(timeout=30_000)
+    no_traceback(pg)
+    assert not pg.attempted, pg.attempted

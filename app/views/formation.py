@@ -123,7 +123,7 @@ def _draw_graph(view: dict) -> None:
 
 
 def step_controls() -> None:
-    row = st.columns([1, 9, 1, 3, 3], vertical_alignment="center")
+    row = st.columns([1, 8, 1, 4, 4], vertical_alignment="center")
     row[0].button("", icon=":material/chevron_left:", key="formation.prev", on_click=_shift, args=(-1,),
                   help="Previous step")
     row[1].select_slider("Step", options=steps, key="formation.step", on_change=_on_step,
@@ -198,8 +198,14 @@ def node_panel(step: int) -> None:
                        "head's rise).")
 
 
-@st.fragment(run_every=float(st.session_state["formation.speed"]) if st.session_state["formation.playing"] else None)
+PLAYING = bool(st.session_state["formation.playing"])  # as this full run sets the fragment's timer
+
+
+@st.fragment(run_every=float(st.session_state["formation.speed"]) if PLAYING else None)
 def formation_view() -> None:
+    if bool(st.session_state["formation.playing"]) != PLAYING:
+        # Play/Pause was pressed inside this fragment: only a full run starts or stops its timer.
+        st.rerun(scope="app")
     if st.session_state["formation.playing"]:
         i = steps.index(int(st.session_state["formation.step"]))
         if i + 1 >= len(steps):
