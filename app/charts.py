@@ -200,6 +200,19 @@ def log_floor(steps: list[int]) -> float:
     return min((s for s in steps if s > 0), default=2) / 2
 
 
+def step_x(steps: list[int], step: int, log: bool) -> float:
+    """Where ``step`` sits on the timeline's x axis (step 0 at ``log_floor`` on a log axis)."""
+    return float(step if not log or step > 0 else log_floor(steps))
+
+
+def mark_step(fig: go.Figure, x: float) -> go.Figure:
+    """The selected step as one dotted line through every row (a single shape, paper-high: cheap
+    to add to a cached figure at each step). Changes ``fig`` in place and returns it."""
+    fig.add_shape(type="line", xref="x", yref="paper", x0=x, x1=x, y0=0, y1=1,
+                  line={"dash": "dot", "color": STEP_MARK, "width": 2})
+    return fig
+
+
 def timeline(steps: list[int], rows: list[Row], lanes: list, step: int | None = None, log: bool = False
              ) -> tuple[go.Figure, list[list[int] | None]]:
     """The formation view's timeline: one row per curve (each curve's phase windows shaded) and
@@ -238,7 +251,7 @@ def timeline(steps: list[int], rows: list[Row], lanes: list, step: int | None = 
     if lanes:
         targets += _lanes(fig, steps, lanes, n, x_of, log)
     if step is not None:
-        fig.add_vline(x=x_of([step])[0], line_dash="dot", line_color=STEP_MARK, line_width=2)
+        mark_step(fig, step_x(steps, step, log))
     fig.update_xaxes(title_text="training step" + (" (log)" if log else ""), row=n, col=1)
     if log:
         # Labels at powers of ten only: plotly's minor labels ("2", "5") read like steps.

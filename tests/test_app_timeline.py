@@ -97,7 +97,7 @@ def test_timeline_bars_span_their_windows_on_a_linear_axis():
 def test_timeline_marks_the_step_and_shades_each_curves_windows():
     fig, _ = _figure(step=450)
     lines = [s for s in fig.layout.shapes if s.type == "line"]
-    assert [(s.x0, s.x1) for s in lines] == [(450, 450)] * 3  # across both curves and the lanes
+    assert [(s.x0, s.x1, s.yref, s.y0, s.y1) for s in lines] == [(450, 450, "paper", 0, 1)]  # through every row
     shaded = [(s.x0, s.x1) for s in fig.layout.shapes if s.type == "rect"]
     assert shaded == [(400, 500)]  # the metric row's window; faithfulness has none
 

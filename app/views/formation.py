@@ -15,6 +15,7 @@ from __future__ import annotations
 import inspect
 
 import numpy as np
+import plotly.graph_objects as go
 import streamlit as st
 
 from app import charts, data, formation, ui
@@ -139,11 +140,21 @@ def step_controls() -> None:
                      on_change=lambda: ui.update(speed=float(st.session_state["formation.speed"])))
 
 
+@st.cache_data(max_entries=16, show_spinner=False)
+def timeline_base(path_: str, stamp_: float, log: bool) -> tuple[dict, list]:
+    """The timeline without the step mark, once per study version and axis (building a plotly
+    figure with subplots is the slow part of a step switch)."""
+    lanes = formation.lanes(tracked) if tracked is not None else []
+    fig, targets = charts.timeline(steps, _rows(), lanes, None, log)
+    return fig.to_plotly_json(), targets
+
+
 def timeline_panel(step: int) -> None:
     st.toggle("log step axis", key="formation.log",
               on_change=lambda: ui.update(log=bool(st.session_state["formation.log"])))
-    lanes = formation.lanes(tracked) if tracked is not None else []
-    fig, targets = charts.timeline(steps, _rows(), lanes, step, bool(st.session_state["formation.log"]))
+    log = bool(st.session_state["formation.log"])
+    base, targets = timeline_base(path, stamp, log)
+    fig = charts.mark_step(go.Figure(base), charts.step_x(steps, step, log))
     st.session_state["formation.targets"] = targets
     st.plotly_chart(fig, key="formation.timeline", on_select=_on_timeline, selection_mode="points",
                     config={"displayModeBar": False})
