@@ -29,6 +29,9 @@ def settings() -> Settings:
         return current
     current = Settings.from_query(params, default_study=launch_study(), allow_study=not study_locked())
     st.session_state[SESSION_KEY] = current
+    if current.notes and params != current.to_query():
+        # A value was ignored (its note says so): the URL drops it too, so URL and view agree.
+        st.query_params.from_dict(current.to_query())
     return current
 
 

@@ -177,6 +177,7 @@ def test_bad_url_values_become_notes(app_study):
     said = texts(at)
     assert "ignoring" in said and "img" in said  # said, as text
     assert at.select_slider(key="circuit.step").value == 1000  # the last step by default
+    assert (url(at, "step"), url(at, "node"), url(at, "mode")) == (None, None, None)  # the URL says what is shown
 
 
 # ---------------------------------------------------------------- bad inputs
@@ -701,6 +702,7 @@ def test_formation_corrects_url_values_with_a_note(app_study):
     assert "step 460 is not in this study; showing 450, the nearest" in notes(at)
     said = _plain(texts(at))
     assert "ignoring ?log='sideways'" in said and "ignoring ?speed='3'" in said
+    assert url(at, "log") is None and url(at, "speed") is None  # dropped from the URL too: it says what is shown
 
 
 # ---------------------------------------------------------------- the URL leads (Back/Forward, edited links)
