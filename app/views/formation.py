@@ -225,12 +225,12 @@ def formation_view() -> None:
         _go_to(steps[i + 1])
     step = int(st.session_state["formation.step"])
     left, right = st.columns([11, 9])
-    with left, ui.guard("draw the timeline"):
-        timeline_panel(step)
-    with right:
+    with right:  # filled first: the graph reaches the browser before the timeline's heavier redraw
         step_controls()
         with ui.guard(f"draw the circuit at step {step}"):
             graph_panel(step)
+    with left, ui.guard("draw the timeline"):
+        timeline_panel(step)
     if nodes:
         with ui.guard("show the selected node"):
             node_panel(step)
