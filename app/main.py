@@ -1,7 +1,8 @@
 """The circuits app: ``circuits app STUDY`` (or ``streamlit run app/main.py -- --study PATH``).
 
-Five pages over one study (Formation, the landing page; Overview, Circuit, Heads, Compare), state in the URL (page in the path; study, step, edge selection,
-selected node and example in query parameters), the study read through ``circuits`` only.
+Five pages over one study (Formation, the landing page; Overview, Circuit, Heads, Compare),
+state in the URL (page in the path; study, step, edge selection, selected node, example,
+detector, speed and axis in query parameters), the study read through ``circuits`` only.
 """
 
 from __future__ import annotations
