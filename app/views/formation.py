@@ -141,11 +141,14 @@ def step_controls() -> None:
 
 
 @st.cache_data(max_entries=16, show_spinner=False)
-def timeline_base(path_: str, stamp_: float, log: bool) -> tuple[dict, list]:
+def timeline_base(path_: str, stamp_: float, log: bool) -> tuple[dict, list] | None:
     """The timeline without the step mark, once per study version and axis (building a plotly
-    figure with subplots is the slow part of a step switch)."""
+    figure with subplots is the slow part of a step switch); None when there is nothing to draw."""
     lanes = formation.lanes(tracked) if tracked is not None else []
-    fig, targets = charts.timeline(steps, _rows(), lanes, None, log)
+    rows = _rows()
+    if not rows and not lanes:
+        return None
+    fig, targets = charts.timeline(steps, rows, lanes, None, log)
     return fig.to_plotly_json(), targets
 
 
@@ -153,7 +156,11 @@ def timeline_panel(step: int) -> None:
     st.toggle("log step axis", key="formation.log",
               on_change=lambda: ui.update(log=bool(st.session_state["formation.log"])))
     log = bool(st.session_state["formation.log"])
-    base, targets = timeline_base(path, stamp, log)
+    drawn = timeline_base(path, stamp, log)
+    if drawn is None:
+        st.info("This study holds no metric, loss or phase to draw over training.")
+        return
+    base, targets = drawn
     fig = charts.mark_step(go.Figure(base), charts.step_x(steps, step, log))
     st.session_state["formation.targets"] = targets
     st.plotly_chart(fig, key="formation.timeline", on_select=_on_timeline, selection_mode="points",
