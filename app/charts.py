@@ -8,6 +8,7 @@ Every label from a file goes through ``plain`` (plotly renders a subset of HTML)
 from __future__ import annotations
 
 import html
+from dataclasses import dataclass
 
 import numpy as np
 import plotly.graph_objects as go
@@ -161,4 +162,157 @@ def formation_timeline(steps: list[int], gap: np.ndarray, se: np.ndarray, share:
     fig.update_layout(title={"text": "Gap +- se per step (filled: has a circuit) over the epochs of the mechanism",
                              "y": 0.98}, height=460, margin={"l": 10, "r": 10, "t": 80, "b": 10},
                       legend={"orientation": "h", "yanchor": "top", "y": -0.17, "xanchor": "left", "x": 0})
+    return fig
+
+
+# ---------------------------------------------------------------- the formation view's timeline
+
+PHASE_FILL = "rgba(255, 165, 0, 0.16)"  # circuits.figures' phase colour, so both views read alike
+LANE_COLOURS = {"rise": "#f4a582", "fall": "#92c5de"}
+LANE_OTHER = ("#c7e9c0", "#dadaeb")  # other windows (epochs, stages): neighbours told apart by shade
+STEP_MARK = "#ff7f0e"
+
+
+@dataclass(frozen=True)
+class Row:
+    """One curve of the timeline: its values per step, and the windows shaded on it."""
+
+    title: str
+    values: np.ndarray
+    windows: tuple[tuple[int, int], ...] = ()
+    y_range: tuple[float, float] | None = None  # None: plotly's own
+
+
+def honest_range(values: np.ndarray, low: float = 0.0, high: float = 1.0) -> tuple[float, float]:
+    """A y range that holds [low, high] and every finite value: a share such as faithfulness is
+    read against 0 and 1, not zoomed into its noise (0.80-0.845 would make noise look large)."""
+    finite = np.asarray(values, dtype=float)
+    finite = finite[np.isfinite(finite)]
+    lo = min(low, float(finite.min())) if finite.size else low
+    hi = max(high, float(finite.max())) if finite.size else high
+    pad = 0.05 * (hi - lo)
+    return lo - (pad if lo < low else 0.0), hi + pad
+
+
+def log_floor(steps: list[int]) -> float:
+    """On a log step axis step 0 has no place: it is drawn at half the first positive step (apart
+    from it, and hovering says which step it is)."""
+    return min((s for s in steps if s > 0), default=2) / 2
+
+
+def step_x(steps: list[int], step: int, log: bool) -> float:
+    """Where ``step`` sits on the timeline's x axis (step 0 at ``log_floor`` on a log axis)."""
+    return float(step if not log or step > 0 else log_floor(steps))
+
+
+def mark_step(fig: go.Figure, x: float) -> go.Figure:
+    """The selected step as one dotted line through every row (a single shape, paper-high: cheap
+    to add to a cached figure at each step). Changes ``fig`` in place and returns it."""
+    fig.add_shape(type="line", xref="x", yref="paper", x0=x, x1=x, y0=0, y1=1,
+                  line={"dash": "dot", "color": STEP_MARK, "width": 2})
+    return fig
+
+
+def timeline(steps: list[int], rows: list[Row], lanes: list, step: int | None = None, log: bool = False
+             ) -> tuple[go.Figure, list[list[int] | None]]:
+    """The formation view's timeline: one row per curve (each curve's phase windows shaded) and
+    one row of lanes (every phase/epoch/stage list, ``formation.lanes``), the selected step
+    marked across all of them, on a linear step axis (``log``: log, step 0 at the first positive
+    step). No legend: every row and lane is named on its axis.
+
+    Returns the figure and, per trace, the step each of its points stands for (None: not
+    clickable), for ``formation.clicked_step``.
+    """
+    from plotly.subplots import make_subplots
+
+    n = len(rows) + (1 if lanes else 0)
+    lane_px = 26
+    heights = [1.0] * len(rows) + ([max(len(lanes), 1) * lane_px / 110] if lanes else [])
+    fig = make_subplots(rows=n, cols=1, shared_xaxes=True, row_heights=heights, vertical_spacing=0.035)
+    floor = log_floor(steps)
+
+    def x_of(values) -> list[float]:
+        return [(v if v > 0 else floor) if log else v for v in values]
+
+    targets: list[list[int] | None] = []
+    for r, row in enumerate(rows, start=1):
+        fig.add_trace(go.Scatter(x=x_of(steps), y=row.values, mode="lines+markers", name=plain(row.title),
+                                 marker={"size": 5, "color": "#2166ac"}, line={"color": "#2166ac", "width": 1.5},
+                                 customdata=steps, unselected={"marker": {"opacity": 1}},
+                                 hovertemplate=f"step %{{customdata}}<br>{plain(row.title)} %{{y:.4g}}<extra></extra>"),
+                      row=r, col=1)
+        targets.append(list(steps))
+        for start, end in row.windows:
+            x0, x1 = x_of([start, end])
+            fig.add_vrect(x0=x0, x1=x1, fillcolor=PHASE_FILL, line_width=0, layer="below", row=r, col=1)
+        fig.update_yaxes(title_text=plain(row.title), title_font={"size": 11}, row=r, col=1)
+        if row.y_range is not None:
+            fig.update_yaxes(range=list(row.y_range), row=r, col=1)
+    if lanes:
+        targets += _lanes(fig, steps, lanes, n, x_of, log)
+    if step is not None:
+        mark_step(fig, step_x(steps, step, log))
+    fig.update_xaxes(title_text="training step" + (" (log)" if log else ""), row=n, col=1)
+    if log:
+        # Labels at powers of ten only: plotly's minor labels ("2", "5") read like steps.
+        fig.update_xaxes(type="log", dtick=1, minor={"dtick": "D1", "showgrid": True})
+    fig.update_layout(height=150 + 120 * len(rows) + lane_px * len(lanes), showlegend=False,
+                      hovermode="closest", clickmode="event+select", dragmode=False,
+                      margin={"l": 10, "r": 10, "t": 10, "b": 10})
+    return fig, targets
+
+
+def _lanes(fig: go.Figure, steps: list[int], lanes: list, row: int, x_of, log: bool) -> list[list[int] | None]:
+    """Each lane's windows as labelled bars; a click on one goes to its step (a phase change's
+    midpoint, an epoch's start)."""
+    names = [plain(lane.name) for lane in lanes]
+    width = max(steps[-1] - steps[0], 1) if steps else 1
+    targets: list[list[int] | None] = []
+    for lane, name in zip(lanes, names, strict=True):
+        base, length, to, text, hover = [], [], [], [], []
+        for span in lane.spans:
+            x0, x1 = x_of([span.start, span.end])
+            if x1 == x0:  # a one-checkpoint window: wide enough to see and click
+                x0, x1 = (x0 / 1.08, x1 * 1.08) if log else (x0 - 0.006 * width, x1 + 0.006 * width)
+            base.append(x0)
+            length.append(x1 - x0)
+            to.append(span.step)
+            text.append(plain(span.label))
+            hover.append(f"{name}: {plain(span.label)}, steps {span.start}-{span.end}<br>click: go to step {span.step}")
+        # Horizontal bars: a click anywhere on a window selects it (a point in plotly's terms).
+        fig.add_trace(go.Bar(y=[name] * len(base), x=length, base=base, orientation="h", text=text,
+                             textposition="inside", insidetextanchor="middle", textfont={"size": 10},
+                             marker={"color": [LANE_COLOURS.get(t, LANE_OTHER[k % 2]) for k, t in enumerate(text)],
+                                     "line": {"color": "white", "width": 1}},
+                             hovertext=hover, hoverinfo="text", width=0.7, unselected={"marker": {"opacity": 1}}),
+                      row=row, col=1)
+        targets.append(to)
+    fig.update_yaxes(type="category", categoryorder="array", categoryarray=names[::-1], row=row, col=1,
+                     tickfont={"size": 10})
+    return targets
+
+
+def legend_per_row(fig: go.Figure) -> go.Figure:
+    """Give each subplot of a stacked figure its own legend beside it (one legend for three charts
+    leaves the reader matching colours across them). Changes ``fig`` in place and returns it."""
+    axes = sorted({trace.yaxis or "y" for trace in fig.data}, key=lambda a: int(a[1:] or 1))
+    for n, axis in enumerate(axes, start=1):
+        name = "legend" if n == 1 else f"legend{n}"
+        layout_axis = fig.layout["yaxis" + axis[1:]]
+        top = layout_axis.domain[1] if layout_axis.domain else 1.0
+        fig.update_layout({name: {"y": top, "yanchor": "top", "x": 1.02, "xanchor": "left",
+                                  "font": {"size": 11}}})
+        for trace in fig.data:
+            if (trace.yaxis or "y") == axis:
+                trace.legend = name
+    fig.update_layout(showlegend=True)
+    return fig
+
+
+def tidy_log_steps(fig: go.Figure) -> go.Figure:
+    """On a log step axis, label powers of ten only (minor gridlines stay, unlabelled): plotly's
+    minor labels ("2", "5") read like steps. Changes ``fig`` in place and returns it."""
+    for axis in fig.select_xaxes():
+        if axis.type == "log":
+            axis.update(dtick=1, minor={"dtick": "D1", "showgrid": True})
     return fig

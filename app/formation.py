@@ -174,3 +174,113 @@ def trust_lines_at(report: Any, settings: dict[str, Any]) -> list[str]:
     from circuits.discovery.trust import trust_text
 
     return [line.strip() for line in trust_text([report], **settings)[1:]]
+
+
+# ---------------------------------------------------------------- the formation timeline's lanes
+
+
+@dataclass(frozen=True)
+class Span:
+    """One window on the timeline: a phase change, an epoch, a stage; ``step`` is where a click goes."""
+
+    label: str
+    start: int
+    end: int
+    step: int
+
+
+@dataclass(frozen=True)
+class Lane:
+    """One row of spans: a curve's phase changes, the mechanism epochs, or another stage list."""
+
+    name: str
+    spans: tuple[Span, ...]
+
+
+# Tracking lists with windows that are not stages of training: the leading indicators restate the
+# phases of their target (drawn already), with the measures that moved first.
+NOT_STAGES = frozenset({"leading"})
+EXTENTS = (("start_step", "end_step"), ("start", "end"))  # (start, end) attribute names, in that order
+
+
+def curve_title(curve: str) -> str:
+    """'metric', 'early loss', 'induction a1.h1': a curve's name for a lane or an axis."""
+    name = curve.removeprefix("progress/").removeprefix("heads/")
+    return name.replace("/", " ").replace("_", " ")
+
+
+def _extent(item: Any) -> tuple[int, int] | None:
+    for start, end in EXTENTS:
+        if hasattr(item, start) and hasattr(item, end):
+            return int(getattr(item, start)), int(getattr(item, end))
+    return None
+
+
+def _phase_lanes(phases: list[Any]) -> list[Lane]:
+    """One lane per curve with phase changes: metric, loss, then the rest as tracked."""
+    by_curve: dict[str, list[Span]] = {}
+    for p in phases:
+        by_curve.setdefault(p.curve, []).append(Span(p.direction, int(p.start_step), int(p.end_step), int(p.step)))
+    first = [c for c in ("metric", "loss") if c in by_curve]
+    order = first + [c for c in by_curve if c not in first]
+    return [Lane(f"{curve_title(c)} phases", tuple(by_curve[c])) for c in order]
+
+
+def _epoch_lane(epochs: list[Epoch]) -> Lane:
+    return Lane("mechanism epochs", tuple(Span(epoch_label(epochs, e), int(e.start), int(e.end), int(e.start))
+                                          for e in epochs))
+
+
+def _stage_lane(name: str, items: list[Any]) -> Lane | None:
+    """A list of anything with a window (``start_step``/``end_step`` or ``start``/``end``)."""
+    spans = []
+    for k, item in enumerate(items):
+        extent = _extent(item)
+        if extent is None:
+            return None
+        label = next((str(getattr(item, a)) for a in ("label", "kind", "direction", "name") if
+                      getattr(item, a, None) is not None), f"{k + 1}")
+        step = getattr(item, "step", None)
+        spans.append(Span(label, extent[0], extent[1], int(step) if step is not None else extent[0]))
+    return Lane(name.replace("_", " "), tuple(spans))
+
+
+def lanes(tracking: Any) -> list[Lane]:
+    """Every list of windows the tracking result offers, as lanes: each curve's phase changes
+    (metric, loss, the progress measures such as early_loss, the top head of each detector), the
+    mechanism epochs, then any other list of windowed items it holds (e.g. LLC stages), in its
+    field order: a new list in ``circuits.tracking.Tracking`` shows up without a change here."""
+    from dataclasses import fields, is_dataclass
+
+    out = _phase_lanes(list(getattr(tracking, "phases", []) or []))
+    epochs = list(getattr(tracking, "epochs", []) or [])
+    if epochs:
+        out.append(_epoch_lane(epochs))
+    if not is_dataclass(tracking):
+        return out
+    for f in fields(tracking):
+        if f.name in {"phases", "epochs"} | NOT_STAGES:
+            continue
+        value = getattr(tracking, f.name)
+        if isinstance(value, (list, tuple)) and value:
+            lane = _stage_lane(f.name, list(value))
+            if lane is not None:
+                out.append(lane)
+    return out
+
+
+def clicked_step(points: list[dict[str, Any]], targets: list[list[int] | None]) -> int | None:
+    """The step a click on the timeline asks for: the first clicked point's target.
+
+    ``points`` are plotly's selected points (``curve_number``, ``point_index``); ``targets[c][i]``
+    is the step point ``i`` of trace ``c`` stands for (a phase window's points all stand for the
+    phase's step). Traces that are not clickable have None. None when nothing usable was clicked.
+    """
+    for point in points:
+        curve, index = point.get("curve_number"), point.get("point_index", point.get("point_number"))
+        if curve is None or index is None or not 0 <= int(curve) < len(targets):
+            continue
+        chosen = targets[int(curve)]
+        if chosen is not None and 0 <= int(index) < len(chosen):
+            return int(chosen[int(index)])
+    return None

@@ -1,7 +1,8 @@
 """The circuits app: ``circuits app STUDY`` (or ``streamlit run app/main.py -- --study PATH``).
 
-Four pages over one study, state in the URL (page in the path; study, step, edge selection,
-selected node and example in query parameters), the study read through ``circuits`` only.
+Five pages over one study (Formation, the landing page; Overview, Circuit, Heads, Compare),
+state in the URL (page in the path; study, step, edge selection, selected node, example,
+detector, speed and axis in query parameters), the study read through ``circuits`` only.
 """
 
 from __future__ import annotations
@@ -39,19 +40,22 @@ from app import ui  # noqa: E402
 PAGES = HERE / "views"  # not pages/: that name turns on legacy multipage mode
 FAVICON = HERE / "favicon.svg"  # shipped with the app: a :material/...: page icon is fetched from a font host
 
-st.set_page_config(page_title="circuits", page_icon=FAVICON, layout="wide")
+# Navigation in the top bar and the sidebar closed: the Formation page needs the whole
+# 1400 x 900 screen for its timeline beside the graph.
+st.set_page_config(page_title="circuits", page_icon=FAVICON, layout="wide", initial_sidebar_state="collapsed")
 
 settings = ui.settings()
 page = st.navigation([
-    st.Page(PAGES / "overview.py", title="Overview", icon=":material/monitoring:", url_path="overview",
+    st.Page(PAGES / "formation.py", title="Formation", icon=":material/timeline:", url_path="formation",
             default=True),
+    st.Page(PAGES / "overview.py", title="Overview", icon=":material/monitoring:", url_path="overview"),
     st.Page(PAGES / "circuit.py", title="Circuit", icon=":material/hub:", url_path="circuit"),
     st.Page(PAGES / "heads.py", title="Heads", icon=":material/grid_on:", url_path="heads"),
     st.Page(PAGES / "compare.py", title="Compare", icon=":material/compare:", url_path="compare"),
-])
+], position="top")
 with st.sidebar:
     st.caption("Study")
     st.text(settings.study or "(none)")
-    for note in settings.notes:
-        st.warning(ui.md(note))
+for note in settings.notes:  # in the page, not the closed sidebar: a dropped URL value must be seen
+    st.warning(ui.md(note))
 page.run()

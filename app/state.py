@@ -4,7 +4,11 @@
 anything unparsable is dropped with a note instead of failing. ``to_query`` writes it back.
 The page is in the URL path (``st.navigation`` url_path), the rest in query parameters:
 ``study``, ``step``, ``base`` (Compare's earlier step), ``mode``, ``threshold``, ``top_n``,
-``node``, ``example``, ``detector``.
+``node``, ``example``, ``detector``, ``speed`` (play's seconds per step), ``log`` (log step axis).
+
+The URL leads: every full run of a page sets its widgets from these settings (a widget's
+change writes the URL first, in its callback), so Back/Forward, a reload or an edited link
+show exactly what the URL says (``ui.lead``).
 
 A value that parses but is out of range for the study (a step it lacks, an example past the
 last, a node the model has not) is corrected by the page: the ``snap_*`` functions below give
@@ -25,6 +29,7 @@ from circuits.errors import CircuitsError
 from .graph_view import parse_node
 
 MODES = ("circuit", "full", "threshold", "top-n")  # circuit: the stable circuit; full: the full-data one
+SPEEDS = (0.5, 1.0, 2.0)  # play: seconds per step
 MODE_LABELS = {"circuit": "stable circuit", "full": "full-data circuit", "threshold": "|score| >= threshold",
                "top-n": "top n by |score|"}
 # The launcher sets this when the server listens beyond loopback: the URL may then not
@@ -46,6 +51,8 @@ class Settings:
     node: str | None = None
     example: int = 0
     detector: str | None = None
+    speed: float = 1.0  # play: seconds per step, one of SPEEDS
+    log: bool = False  # the formation timeline's step axis: linear unless asked
     notes: tuple[str, ...] = field(default=(), compare=False)
 
     @classmethod
@@ -88,6 +95,18 @@ class Settings:
         detector = params.get("detector")
         if detector:
             values["detector"] = detector  # checked against the study's detectors by the Heads page
+        speed = params.get("speed")
+        if speed:
+            try:
+                values["speed"] = snap_speed(float(speed))
+            except ValueError:
+                notes.append(f"ignoring ?speed={speed!r}: expected one of {', '.join(f'{x:g}' for x in SPEEDS)}")
+        log = params.get("log")
+        if log:
+            if log.lower() in FLAGS:
+                values["log"] = FLAGS[log.lower()]
+            else:
+                notes.append(f"ignoring ?log={log!r}: expected 1 or 0")
         return cls(**values, notes=tuple(notes))
 
     def to_query(self) -> dict[str, str]:
@@ -99,11 +118,22 @@ class Settings:
                 continue
             value = getattr(self, f.name)
             if value is not None and value != getattr(default, f.name):
-                out[f.name] = str(value)
+                out[f.name] = str(int(value)) if isinstance(value, bool) else str(value)  # log=1
         return out
 
     def with_(self, **changes) -> Settings:
         return replace(self, **changes)
+
+
+FLAGS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
+
+
+def snap_speed(wanted: float) -> float:
+    """``wanted`` when it is one of SPEEDS; ValueError otherwise (the URL's value is then ignored)."""
+    for speed in SPEEDS:
+        if abs(speed - wanted) < 1e-9:
+            return speed
+    raise ValueError(wanted)
 
 
 def launch_study() -> str | None:

@@ -29,6 +29,9 @@ def settings() -> Settings:
         return current
     current = Settings.from_query(params, default_study=launch_study(), allow_study=not study_locked())
     st.session_state[SESSION_KEY] = current
+    if current.notes and params != current.to_query():
+        # A value was ignored (its note says so): the URL drops it too, so URL and view agree.
+        st.query_params.from_dict(current.to_query())
     return current
 
 
@@ -38,13 +41,22 @@ def update(**changes) -> Settings:
     new = current.with_(**changes)
     st.session_state[SESSION_KEY] = new
     query = new.to_query()
-    for key in list(st.query_params.keys()):
-        if key not in query:
-            del st.query_params[key]
-    for key, value in query.items():
-        if st.query_params.get(key) != value:
-            st.query_params[key] = value
+    if st.query_params.to_dict() != query:
+        # One write, so one browser history entry per change (key by key would push one each,
+        # and Back would step through half-made URLs).
+        st.query_params.from_dict(query)
     return new
+
+
+def lead(values: dict[str, object]) -> None:
+    """Set widgets (session-state key -> value) to what the URL says, at every full run of a page.
+
+    The URL leads: a widget's change writes the URL in its callback, before the page runs, so
+    here the two agree unless the URL changed outside the app (Back/Forward, an edited or shared
+    link), and then the URL wins. Keeping a widget's remembered value instead (setting it only
+    when absent) is what made Back change the URL but not the view."""
+    for key, value in values.items():
+        st.session_state[key] = value
 
 
 @contextmanager
@@ -125,12 +137,16 @@ def step_from_url(study, steps: list[int], s: Settings, what: str = "step") -> i
     return step
 
 
-def open_page(title: str):
-    """Every page's start: title, settings from the URL, the study; stops the page when none.
+def open_page(title: str, small: bool = False):
+    """Every page's start: title (``small``: a subheader, for a page that must fit one screen),
+    settings from the URL, the study; stops the page when none.
 
     Returns (settings, study, stamp).
     """
-    st.title(title)
+    if small:
+        st.subheader(title)
+    else:
+        st.title(title)
     s = settings()
     try:
         study, stamp = open_current(s)

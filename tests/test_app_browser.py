@@ -185,8 +185,8 @@ def test_journey_across_the_phase_change(page, server):
     assert graph_state(page)["step"] == str(steps[-1]) and len(shown) >= 2, shown
     page.get_by_role("button", name="Play").wait_for(timeout=30_000)  # stopped by itself
 
-    for name in ("overview", "heads", "compare"):
-        path = "" if name == "overview" else name  # the default page lives at /
+    for name in ("formation", "overview", "heads", "compare"):
+        path = "" if name == "formation" else name  # the landing page lives at /
         page.goto(f"{base}/{path}?step={steps[-1]}&node={node}")
         page.wait_for_selector("[data-testid='stPlotlyChart']", timeout=60_000)
         settle(page)

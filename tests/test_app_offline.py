@@ -29,7 +29,7 @@ from test_app_pages import app_study  # noqa: F401 - the shared study fixture
 pytestmark = pytest.mark.slow
 
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
-PAGES = ("", "circuit", "heads", "compare")  # overview is the default page, at /
+PAGES = ("", "overview", "circuit", "heads", "compare")  # formation is the landing page, at /
 DRAWN = f"[data-testid='stPlotlyChart'], {GRAPH}"
 
 

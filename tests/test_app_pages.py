@@ -19,7 +19,7 @@ from filelock import FileLock
 ROOT = Path(__file__).resolve().parent.parent
 MAIN = ROOT / "app" / "main.py"
 STEPS = "0,400,450,500,1000"
-PAGES = ("overview", "circuit", "heads", "compare")
+PAGES = ("formation", "overview", "circuit", "heads", "compare")
 
 
 def _shared(tmp_path_factory, worker_id: str) -> Path:
@@ -46,7 +46,7 @@ def app_study(tmp_path_factory, worker_id, request) -> Path:
     return out
 
 
-def run_page(study: Path | str | None, page: str = "overview", **params):
+def run_page(study: Path | str | None, page: str | None = "overview", **params):
     from streamlit.testing.v1 import AppTest
 
     at = AppTest.from_file(str(MAIN), default_timeout=120)
@@ -54,7 +54,7 @@ def run_page(study: Path | str | None, page: str = "overview", **params):
         at.query_params["study"] = str(study)
     for key, value in params.items():
         at.query_params[key] = str(value)
-    if page != "overview":
+    if page is not None:  # None: the landing page (Formation), as a bare URL opens it
         at.switch_page(f"views/{page}.py")
     return at.run()
 
@@ -177,6 +177,7 @@ def test_bad_url_values_become_notes(app_study):
     said = texts(at)
     assert "ignoring" in said and "img" in said  # said, as text
     assert at.select_slider(key="circuit.step").value == 1000  # the last step by default
+    assert (url(at, "step"), url(at, "node"), url(at, "mode")) == (None, None, None)  # the URL says what is shown
 
 
 # ---------------------------------------------------------------- bad inputs
@@ -251,7 +252,7 @@ def test_study_without_circuits(study_without_circuits, page):
     assert not at.error, [e.value for e in at.error]
     if page in ("circuit", "compare"):
         assert "no circuits yet" in texts(at)
-    elif page == "overview":
+    elif page in ("overview", "formation"):
         assert "no circuits yet" in texts(at) and charts(at) >= 1  # curves still shown
     else:
         assert charts(at) == 3  # heads need no circuit
@@ -632,3 +633,134 @@ def test_truncated_shard_asked_for_is_corrected_with_a_note(damaged_study):
     assert_clean(at)
     assert at.select_slider(key="circuit.step").value == 400 and url(at, "step") == "400"
     assert "step 450's shard is damaged; showing 400, the nearest" in notes(at)
+
+
+# ---------------------------------------------------------------- Formation, the landing page
+
+
+def test_formation_is_the_landing_page(app_study):
+    at = run_page(app_study, None)
+    assert_clean(at)
+    assert not at.error, [e.value for e in at.error]
+    assert [h.value for h in at.subheader][:1] == ["Formation"]
+    assert at.select_slider(key="formation.step").value == 1000  # no step asked: the last
+    assert charts(at) == 1  # the timeline (the graph is a component)
+    assert "a circuit to explain" in texts(at)  # the step's line, from the library's rule
+
+
+def test_formation_timeline_has_a_lane_for_every_phase_list_and_the_epochs(app_study):
+    import circuits
+    from app import formation
+    from circuits.tracking import track
+
+    at = run_page(app_study, "formation")
+    tracked = track(circuits.open_study(app_study))
+    lanes = json.loads(at.get("plotly_chart")[0].proto.spec)["data"]
+    drawn = {t["y"][0] for t in lanes if t.get("type") == "bar"}
+    curves = {p.curve for p in tracked.phases}
+    assert drawn == {f"{formation.curve_title(c)} phases" for c in curves} | {"mechanism epochs"}
+
+
+def test_formation_node_shows_its_pattern_and_roles(app_study):
+    node = induction_head(app_study)
+    at = run_page(app_study, "formation", step=500, node=node)
+    assert_clean(at)
+    assert at.selectbox(key="formation.node").value == node
+    assert charts(at) == 2  # the timeline and the head's attention pattern at step 500
+    assert f"Role: {node} induction" in _plain(texts(at))
+
+
+def test_formation_play_advances_and_stops(app_study):
+    steps = [int(step) for step in STEPS.split(",")]
+    at = run_page(app_study, "formation", step=steps[-1])
+    at.button(key="formation.play").click().run()  # at the end: play restarts from the first step
+    assert_clean(at)
+    assert url(at, "step") in {str(s) for s in steps[:2]}
+    for _ in range(len(steps)):
+        at.run()
+        assert_clean(at)
+    assert at.session_state["formation.playing"] is False and at.select_slider(key="formation.step").value == steps[-1]
+    assert url(at, "step") == str(steps[-1])
+
+
+def test_formation_log_axis_and_speed_live_in_the_url(app_study):
+    at = run_page(app_study, "formation", log=1, speed=2)
+    assert_clean(at)
+    assert at.toggle(key="formation.log").value is True
+    assert at.selectbox(key="formation.speed").value == 2.0
+    assert json.loads(at.get("plotly_chart")[0].proto.spec)["layout"]["xaxis"]["type"] == "log"
+    at.toggle(key="formation.log").set_value(False).run()
+    assert url(at, "log") is None  # linear is the default, left out of the URL
+    at.selectbox(key="formation.speed").set_value(0.5).run()
+    assert url(at, "speed") == "0.5"
+
+
+def test_formation_corrects_url_values_with_a_note(app_study):
+    at = run_page(app_study, "formation", step=460, log="sideways", speed=3)
+    assert_clean(at)
+    assert at.select_slider(key="formation.step").value == 450 and url(at, "step") == "450"
+    assert "step 460 is not in this study; showing 450, the nearest" in notes(at)
+    said = _plain(texts(at))
+    assert "ignoring ?log='sideways'" in said and "ignoring ?speed='3'" in said
+    assert url(at, "log") is None and url(at, "speed") is None  # dropped from the URL too: it says what is shown
+
+
+# ---------------------------------------------------------------- the URL leads (Back/Forward, edited links)
+# AppTest's query parameters changed between runs are what the browser sends after Back/Forward
+# (Streamlit reruns the page with the URL it returns to).
+
+
+def back_to(at, **params):
+    for key, value in params.items():
+        if value is None:
+            del at.query_params[key]
+        else:
+            at.query_params[key] = str(value)
+    return at.run()
+
+
+def test_circuit_page_follows_the_url_when_it_changes_outside_the_app(app_study):
+    at = run_page(app_study, "circuit", step=400)
+    at.select_slider(key="circuit.step").set_value(450).run()
+    at.radio(key="circuit.mode").set_value("top-n").run()
+    assert url(at, "step") == "450" and url(at, "mode") == "top-n"
+    back_to(at, step=400, mode=None, node="a1.h1", speed=2)
+    assert_clean(at)
+    assert at.select_slider(key="circuit.step").value == 400
+    assert {m.label: m.value for m in at.metric}["Step"] == "400"
+    assert at.radio(key="circuit.mode").value == "circuit"
+    assert at.selectbox(key="circuit.node").value == "a1.h1"
+    assert at.selectbox(key="circuit.speed").value == 2.0
+
+
+def test_formation_page_follows_the_url_when_it_changes_outside_the_app(app_study):
+    at = run_page(app_study, "formation", step=400)
+    at.select_slider(key="formation.step").set_value(500).run()
+    assert url(at, "step") == "500"
+    back_to(at, step=400, log=1)
+    assert_clean(at)
+    assert at.select_slider(key="formation.step").value == 400 and at.toggle(key="formation.log").value is True
+
+
+def test_heads_page_follows_the_url_and_writes_its_controls_to_it(app_study):
+    at = run_page(app_study, "heads", step=400, node="a1.h2", example=3)
+    assert_clean(at)
+    assert (at.select_slider(key="heads.step").value, at.number_input(key="heads.layer").value,
+            at.number_input(key="heads.head").value, at.number_input(key="heads.example").value) == (400, 1, 2, 3)
+    at.number_input(key="heads.head").set_value(0).run()
+    assert url(at, "node") == "a1.h0"
+    at.select_slider(key="heads.step").set_value(1000).run()
+    assert url(at, "step") == "1000"
+    detectors = at.selectbox(key="heads.detector").options
+    back_to(at, step=450, node="a0.h3", detector=detectors[-1])
+    assert (at.select_slider(key="heads.step").value, at.number_input(key="heads.layer").value,
+            at.number_input(key="heads.head").value) == (450, 0, 3)
+    assert at.selectbox(key="heads.detector").value == detectors[-1]
+
+
+def test_compare_page_follows_the_url_pair(app_study):
+    at = run_page(app_study, "compare", base=400, step=500)
+    at.selectbox(key="compare.b").set_value(1000).run()
+    assert (url(at, "base"), url(at, "step")) == ("400", "1000")
+    back_to(at, base=0, step=450)
+    assert (at.selectbox(key="compare.a").value, at.selectbox(key="compare.b").value) == (0, 450)

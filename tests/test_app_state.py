@@ -96,3 +96,16 @@ def test_threshold_default_is_the_stable_circuits_smallest_score():
     assert threshold_default(scores, np.zeros((2, 2), bool), full) == 0.05  # no stable circuit here
     assert threshold_default(scores, None, full) == 0.05
     assert threshold_default(scores, None, np.zeros((2, 2), bool)) == 0.0
+
+
+def test_speed_and_log_axis_round_trip_through_the_url():
+    s = Settings(step=450, speed=0.5, log=True)
+    assert s.to_query() == {"step": "450", "speed": "0.5", "log": "1"}
+    assert Settings.from_query(s.to_query()) == s
+    assert Settings.from_query({"log": "true", "speed": "2"}) == Settings(log=True, speed=2.0)
+
+
+def test_unknown_speed_and_log_values_are_dropped_with_notes():
+    s = Settings.from_query({"speed": "3", "log": "sideways"})
+    assert (s.speed, s.log) == (Settings().speed, Settings().log)
+    assert s.notes == ("ignoring ?speed='3': expected one of 0.5, 1, 2", "ignoring ?log='sideways': expected 1 or 0")

@@ -15,7 +15,7 @@ import streamlit as st
 from app import charts, data, formation, ui
 from app.components.circuit_graph import circuit_graph
 from app.graph_view import parse_node
-from app.state import MODE_LABELS, MODES, snap_int, snap_node, threshold_default
+from app.state import MODE_LABELS, MODES, SPEEDS, snap_int, snap_node, threshold_default
 
 settings, study, stamp = ui.open_page("Circuit")
 path = settings.study
@@ -25,30 +25,28 @@ stack = ui.circuit_stack_or_stop(
 steps = list(stack.steps)
 nodes = list(stack.layout.nodes)
 
-# Widget state starts from the URL (a value out of range is corrected there, with a note);
-# widgets write back to it on change.
+# The URL leads (ui.lead): at every full run the widgets are set from it, a value out of range
+# corrected there with a note; each widget writes it back in its callback. So Back/Forward and
+# an edited link move the view, not only the URL.
 n_edges = int(np.isfinite(stack.scores[0]).sum())
-if "circuit.step" not in st.session_state or st.session_state["circuit.step"] not in steps:
-    st.session_state["circuit.step"] = ui.step_from_url(study, steps, settings)
-if "circuit.top_n" not in st.session_state:
-    top_n0, note = snap_int("top-n", int(settings.top_n), 1, n_edges)
-    ui.correct(note, top_n=top_n0)
-    st.session_state["circuit.top_n"] = top_n0
-if "circuit.threshold" not in st.session_state:
-    i0 = steps.index(st.session_state["circuit.step"])
-    st.session_state["circuit.threshold"] = (
-        float(settings.threshold) if settings.threshold is not None
-        else threshold_default(stack.scores[i0], stack.circuit[i0] if stack.stable is not None else None,
-                               stack.in_circuit[i0]))
-st.session_state.setdefault("circuit.mode", settings.mode)
-st.session_state.setdefault("circuit.playing", False)
+step0 = ui.step_from_url(study, steps, settings)
+top_n0, note = snap_int("top-n", int(settings.top_n), 1, n_edges)
+ui.correct(note, top_n=top_n0)
 last_example = max(study.n_examples - 1, 0)
 example0, note = snap_int("example", int(settings.example), 0, last_example)
 ui.correct(note, example=example0)
-if st.session_state.get("circuit.node") not in nodes:
-    node0, note = snap_node(settings.node, nodes)
-    ui.correct(note, node=node0)
-    st.session_state["circuit.node"] = node0
+node0, note = snap_node(settings.node, nodes)
+ui.correct(note, node=node0)
+ui.lead({"circuit.step": step0, "circuit.top_n": top_n0, "circuit.mode": settings.mode,
+         "circuit.speed": settings.speed, "circuit.example": example0, "circuit.node": node0})
+if settings.threshold is not None:
+    ui.lead({"circuit.threshold": float(settings.threshold)})
+elif "circuit.threshold" not in st.session_state:  # none asked: the default at the step first shown
+    i0 = steps.index(step0)
+    st.session_state["circuit.threshold"] = threshold_default(
+        stack.scores[i0], stack.circuit[i0] if stack.stable is not None else None, stack.in_circuit[i0])
+st.session_state.setdefault("circuit.playing", False)
+
 
 def _sync_selection() -> None:
     # a widget not drawn in the last run (threshold while in top-n) has left session state
@@ -63,6 +61,7 @@ def _toggle_play() -> None:
     st.session_state["circuit.playing"] = playing
     if playing and st.session_state["circuit.step"] == steps[-1]:
         st.session_state["circuit.step"] = steps[0]  # play from the start when at the end
+        ui.update(step=steps[0])  # the URL leads the next run: it must say so too
 
 
 controls = st.columns([3, 2, 1, 1])
@@ -84,8 +83,8 @@ playing = st.session_state["circuit.playing"]
 controls[2].button("Pause" if playing else "Play", key="circuit.play", on_click=_toggle_play,
                    icon=":material/pause:" if playing else ":material/play_arrow:",
                    help="Animate the graph through the steps")
-controls[3].selectbox("Speed", (0.5, 1.0, 2.0), index=1, key="circuit.speed",
-                      format_func=lambda s: f"{s:g} s/step")
+controls[3].selectbox("Speed", SPEEDS, key="circuit.speed", format_func=lambda s: f"{s:g} s/step",
+                      on_change=lambda: ui.update(speed=float(st.session_state["circuit.speed"])))
 
 mode = st.session_state["circuit.mode"]
 threshold = float(st.session_state["circuit.threshold"])
@@ -219,7 +218,6 @@ def node_panel(step: int, node: str | None) -> None:
         return
     with ui.guard(f"show the attention pattern of {node} at step {step}"):
         example = st.number_input(f"Example (0 to {last_example})", min_value=0, max_value=last_example,
-                                  value=example0,
                                   key="circuit.example", on_change=lambda: ui.update(
                                       example=int(st.session_state["circuit.example"])))
         pattern = data.pattern(path, stamp, step, parsed.layer, parsed.head, int(example))

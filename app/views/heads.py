@@ -35,13 +35,13 @@ with ui.guard("draw the head scores"):
     else:
         wanted, note = snap_choice("detector", settings.detector, kinds)
         ui.correct(note, detector=wanted)
-        if st.session_state.get("heads.detector") not in kinds:
-            st.session_state["heads.detector"] = wanted
+        ui.lead({"heads.detector": wanted})  # the URL leads (Back/Forward included)
         kind = st.selectbox("Detector", kinds, format_func=lambda k: k.replace("_", " "), key="heads.detector",
                             on_change=lambda: ui.update(detector=st.session_state["heads.detector"]))
         left, right = st.columns(2)
         left.plotly_chart(figures.head_heatmap(tracked, kind), key="heads.heatmap")
-        right.plotly_chart(figures.head_score_curves(tracked, kind, step_now), key="heads.curves")
+        right.plotly_chart(charts.tidy_log_steps(figures.head_score_curves(tracked, kind, step_now)),
+                           key="heads.curves")
         roles = [r for r in tracked.roles() if r.kind == kind]
         if roles:
             st.caption("  \n".join(ui.md(f"Role: {formation.role_text(role, tracked.circuit)}") for role in roles))
@@ -52,16 +52,26 @@ with ui.guard("draw the head scores"):
 st.subheader("Attention pattern")
 
 
+# Step, head (the URL's ``node``) and example live in the URL: set from it at every full run,
+# written back by each control.
+ui.lead({"heads.step": step_now, "heads.layer": layer0, "heads.head": head0, "heads.example": example0})
+
+
+def _on_head() -> None:
+    ui.update(node=f"a{int(st.session_state['heads.layer'])}.h{int(st.session_state['heads.head'])}")
+
+
 @st.fragment
 def pattern_viewer() -> None:
     cols = st.columns(4)
-    step = cols[0].select_slider("Step", options=steps, value=step_now, key="heads.step")
-    layer = cols[1].number_input(f"Layer (0 to {study.n_layers - 1})", 0, study.n_layers - 1, value=layer0,
-                                 key="heads.layer")
-    head = cols[2].number_input(f"Head (0 to {study.n_heads - 1})", 0, study.n_heads - 1, value=head0,
-                                key="heads.head")
-    example = cols[3].number_input(f"Example (0 to {last_example})", 0, last_example, value=example0,
-                                   key="heads.example")
+    step = cols[0].select_slider("Step", options=steps, key="heads.step",
+                                 on_change=lambda: ui.update(step=int(st.session_state["heads.step"])))
+    layer = cols[1].number_input(f"Layer (0 to {study.n_layers - 1})", 0, study.n_layers - 1,
+                                 key="heads.layer", on_change=_on_head)
+    head = cols[2].number_input(f"Head (0 to {study.n_heads - 1})", 0, study.n_heads - 1,
+                                key="heads.head", on_change=_on_head)
+    example = cols[3].number_input(f"Example (0 to {last_example})", 0, last_example, key="heads.example",
+                                   on_change=lambda: ui.update(example=int(st.session_state["heads.example"])))
     with ui.guard(f"show the attention pattern of a{layer}.h{head} at step {step}"):
         pattern = data.pattern(path, stamp, int(step), int(layer), int(head), int(example))
         tokens = data.tokens(path, stamp, int(example))

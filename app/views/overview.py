@@ -116,10 +116,12 @@ if tracked is not None:
         names = [n for n in tracked.curves if not n.startswith("circuit/")]
         if names:
             st.subheader("Over training")
-            st.plotly_chart(figures.metric_curves(tracked, names), key="overview.curves")
-        phases = [p for p in tracked.phases if p.curve in ("metric", "loss")] or tracked.phases
+            st.plotly_chart(charts.tidy_log_steps(figures.metric_curves(tracked, names)), key="overview.curves")
+        # Every phase shaded above is listed: each curve's own windows are shaded on it, so a
+        # metric-and-loss-only table left the windows of early_loss and the other measures unnamed.
+        phases = [p for p in tracked.phases if p.curve in names]
         if phases:
-            st.caption("Phase changes (shaded windows above); circuit changes are the stable circuit's")
+            st.caption("Phase changes of every curve above (shaded on it); circuit changes are the stable circuit's")
             st.dataframe([{"curve": p.curve, "step": p.step, "window": f"{p.start_step} .. {p.end_step}",
                            "direction": p.direction, "before": round(p.before, 4), "after": round(p.after, 4),
                            "edges added": p.circuit.get("edges_added"), "edges removed": p.circuit.get("edges_removed")}
@@ -132,7 +134,11 @@ if tracked is not None:
                     "to see circuit size, faithfulness and similarity here.")
         else:
             st.subheader("The stable circuit over steps")
-            st.plotly_chart(figures.circuit_evolution(tracked), key="overview.circuit")
+            fig = charts.tidy_log_steps(charts.legend_per_row(figures.circuit_evolution(tracked)))
+            faith = tracked.curves.get("circuit/faithfulness")
+            if faith is not None:  # read against 0 and 1, not zoomed into the noise
+                fig.update_yaxes(range=list(charts.honest_range(faith)), row=2, col=1)
+            st.plotly_chart(fig, key="overview.circuit")
 
 with ui.guard("show the provenance"), st.expander("Provenance"):
     st.json(dict(study.provenance), expanded=False)
