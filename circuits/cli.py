@@ -210,7 +210,7 @@ def manifest_command(
     if (folder is None) == (hub is None):
         raise CircuitsError("give a run FOLDER or --hub REPO (one of the two)")
     if hub is None:
-        from circuits.layouts import manifest_from_folder
+        from circuits.folder_manifest import manifest_from_folder
 
         assert folder is not None  # checked above
         if revisions is not None or architecture is not None:

@@ -143,7 +143,7 @@ def gpt2_state_dict(ckpt: NanoGPT, expected: dict[str, Any]) -> dict[str, Any]:
     if ckpt.model_args.get("bias", True) is False:
         for name, tensor in expected.items():
             if name.endswith(".bias") and name not in state:
-                state[name] = torch.zeros_like(tensor)
+                state[name] = torch.zeros(tensor.shape, dtype=tensor.dtype)  # ``expected`` is on the meta device
     state.setdefault("lm_head.weight", state.get("transformer.wte.weight"))
     missing = sorted(k for k in expected if state.get(k) is None)
     if missing:

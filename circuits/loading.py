@@ -27,6 +27,9 @@ from circuits.errors import CircuitsError, RetryableError, first_line
 from circuits.layouts import WEIGHT_SUFFIXES, find_checkpoint
 from circuits.manifest import Manifest, load_manifest
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "merges.txt",
+                   "tokenizer.model", "spiece.model")
+
 
 def checkpoint_path(manifest: Manifest, step: int) -> Path:
     """Where step ``step`` of a local run lies, as its layout says: a folder or a weights file."""
@@ -113,4 +116,9 @@ def boot_transformers(name: str, revision: str | None, device: str, where: str):
         # From the Hub, an OSError may be the network: worth another attempt.
         error = RetryableError if revision is not None and isinstance(err, OSError) else CircuitsError
         raise error(f"{where}: cannot load this checkpoint ({first}){hint}") from None
+    if revision is None and Path(name).is_dir() and not any((Path(name) / f).exists() for f in TOKENIZER_FILES):
+        # With no tokenizer files, transformers builds an empty placeholder (1-2 tokens) that
+        # would pass for the model's vocabulary (head-detector probes drawn from 2 ids): a folder
+        # without a tokenizer has none, as a native run.
+        bridge.tokenizer = None
     return bridge.eval()

@@ -18,7 +18,8 @@ import yaml
 
 from circuits import cli
 from circuits.errors import CircuitsError
-from circuits.layouts import detect, find_checkpoint, manifest_from_folder
+from circuits.folder_manifest import manifest_from_folder
+from circuits.layouts import detect, find_checkpoint
 from circuits.manifest import builtin_manifests, load_manifest, parse_manifest
 
 LOCAL = {"name": "r", "source": "local", "local": {"path": "."}, "steps": [0, 10, 20]}
