@@ -227,7 +227,12 @@ def manifest_command(
         import importlib
 
         # Imported by name: circuits.hub_revisions (the Hub's branch names) is a module of its own.
-        manifest_from_hub = importlib.import_module("circuits.hub_revisions").manifest_from_hub
+        try:
+            manifest_from_hub = importlib.import_module("circuits.hub_revisions").manifest_from_hub
+        except ModuleNotFoundError as err:
+            if err.name != "circuits.hub_revisions":
+                raise
+            raise CircuitsError("--hub: this installation has no circuits.hub_revisions (Hub manifests)") from None
         if pattern is not None or tokens_per_step is not None:
             raise CircuitsError("--pattern and --tokens-per-step apply to a run folder, not to --hub")
         target = out if out is not None else Path(f"{hub.rsplit('/', 1)[-1]}.yaml")

@@ -41,11 +41,15 @@ CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
 def safe_torch_load(path: Path) -> Any:
     """A PyTorch file's contents, tensors and plain values only: nothing in it runs."""
     import pickle
+    import zipfile
 
     import torch
 
+    # torch.save's zip archives map lazily (reading a big checkpoint's config reads no weights);
+    # the legacy format cannot be mapped.
+    mmap = zipfile.is_zipfile(path)
     try:
-        return torch.load(path, weights_only=True, map_location="cpu")
+        return torch.load(path, weights_only=True, map_location="cpu", mmap=mmap)
     except pickle.UnpicklingError:
         raise CircuitsError(f"{path}: holds a pickled object other than tensors and plain values; refused "
                             "(PyTorch files are read with torch.load(weights_only=True), which runs nothing)") from None

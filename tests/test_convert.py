@@ -191,6 +191,23 @@ def test_safetensors_files_with_one_config_beside_them_load_by_step(tmp_path):
         torch.testing.assert_close(bridge_logits(tmp_path, step), hf_logits(model), atol=ATOL, rtol=0)
 
 
+def test_native_safetensors_files_with_one_native_config_load_by_step(tmp_path):
+    from safetensors.torch import save_file
+
+    from circuits.checkpoint import NATIVE_FORMAT, new_native_model
+    from circuits.recipes import induction
+
+    tl_config = induction.tl_config(dict(induction.DEFAULTS))
+    (tmp_path / "config.json").write_text(json.dumps({"format": NATIVE_FORMAT, "tl_config": tl_config}))
+    torch.manual_seed(3)
+    model = new_native_model(tl_config).eval()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "weights_40.safetensors"))
+    write_manifest(tmp_path, [40], layout="files", pattern="weights_{step}.safetensors")
+    tokens = TOKENS % tl_config["d_vocab"]
+    with torch.no_grad():
+        torch.testing.assert_close(circuits.load(tmp_path, 40)(tokens), model(tokens), atol=ATOL, rtol=0)
+
+
 def test_a_missing_step_file_names_the_file_it_looked_for(tmp_path):
     tiny_gpt2().config.save_pretrained(tmp_path)
     write_manifest(tmp_path, [1, 2], layout="files", pattern="model_{step}.safetensors")
