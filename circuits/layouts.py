@@ -105,7 +105,7 @@ def _candidates(root: Path) -> dict[str, dict[str, dict[int, list[Path]]]]:
     files: dict[str, dict[int, list[Path]]] = {}
     for path in sorted(root.iterdir()):
         match = _FILE_RE.fullmatch(path.name)
-        if match and path.is_file():
+        if match and path.is_file() and not path.name.startswith("."):
             files.setdefault(f"{match['prefix']}_{{step}}{match['ext']}", {}).setdefault(
                 int(match["step"]), []).append(path)
     if files:
