@@ -215,6 +215,19 @@ def test_a_missing_step_file_names_the_file_it_looked_for(tmp_path):
         circuits.load(tmp_path, 2)
 
 
+def test_a_folder_without_tokenizer_files_boots_without_a_tokenizer_and_probes_the_whole_vocabulary(tmp_path):
+    """transformers would build an empty placeholder tokenizer (1 token for GPT-2), which the head
+    detectors' probes would take for the vocabulary."""
+    from circuits.detectors import probe_tokens
+
+    tiny_gpt2().save_pretrained(tmp_path / "step0")
+    write_manifest(tmp_path, [0])
+    model = circuits.load(tmp_path, 0)
+    assert model.tokenizer is None
+    probe = probe_tokens(model, n_examples=8)
+    assert probe[:, 1:].unique().numel() > VOCAB // 2  # ids drawn from the model's 64, not from 1 or 2
+
+
 # ---------------------------------------------------------------- nanoGPT
 
 
