@@ -213,6 +213,93 @@ def summary(
         typer.echo(f"figures: {len(written['html'])} HTML, {len(written['png'])} PNG in {figures}", err=as_json)
 
 
+@app.command("manifest")
+def manifest_command(
+    folder: Annotated[Path | None, typer.Argument(help="Run folder holding the checkpoints (step{N}/, checkpoint-{N}/, NAME_{N}.safetensors, ...)")] = None,
+    pattern: Annotated[str | None, typer.Option(help="Checkpoint names with a {step} placeholder, folders or files, e.g. 'ckpt-{step}'")] = None,
+    name: Annotated[str | None, typer.Option(help="Run name [default: the folder's, or the repository's]")] = None,
+    tokens_per_step: Annotated[int | None, typer.Option(help="Tokens per optimizer step, when the run's files do not say")] = None,
+    out: Annotated[Path | None, typer.Option(help="Manifest file to write [default: FOLDER/manifest.yaml; with --hub, REPO-NAME.yaml]")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing manifest file")] = False,
+    hub: Annotated[str | None, typer.Option(help="A Hub repository (owner/name) instead of a folder")] = None,
+    revisions: Annotated[Path | None, typer.Option(help="--hub: a file of revision names, one a line (offline; default: the repository's branches)")] = None,
+    architecture: Annotated[str | None, typer.Option(help="--hub: the model's architecture, e.g. GPTNeoXForCausalLM")] = None,
+) -> None:
+    """Write a manifest for a run folder (its checkpoint layout detected) or a Hub repository."""
+    import os
+
+    if (folder is None) == (hub is None):
+        raise CircuitsError("give a run FOLDER or --hub REPO (one of the two)")
+    if hub is None:
+        from circuits.folder_manifest import manifest_from_folder
+
+        assert folder is not None  # checked above
+        if revisions is not None or architecture is not None:
+            raise CircuitsError("--revisions and --architecture apply to --hub, not to a run folder")
+        target = out if out is not None else folder / "manifest.yaml"
+        _refuse_overwrite(target, force)
+        rel = Path(os.path.relpath(folder.resolve(), target.resolve().parent))
+        if ".." in rel.parts:
+            raise CircuitsError(f"--out {target}: must lie in {folder} or a folder above it (a manifest names its "
+                                "checkpoints by a path inside its own folder)")
+        manifest = manifest_from_folder(folder, path=rel.as_posix(), pattern=pattern, name=name,
+                                        tokens_per_step=tokens_per_step)
+    else:
+        import importlib
+
+        # Imported by name: circuits.hub_revisions (the Hub's branch names) is a module of its own.
+        try:
+            manifest_from_hub = importlib.import_module("circuits.hub_revisions").manifest_from_hub
+        except ModuleNotFoundError as err:
+            if err.name != "circuits.hub_revisions":
+                raise
+            raise CircuitsError("--hub: this installation has no circuits.hub_revisions (Hub manifests)") from None
+        if pattern is not None or tokens_per_step is not None:
+            raise CircuitsError("--pattern and --tokens-per-step apply to a run folder, not to --hub")
+        target = out if out is not None else Path(f"{hub.rsplit('/', 1)[-1]}.yaml")
+        _refuse_overwrite(target, force)
+        names = _revision_list(revisions) if revisions is not None else None
+        manifest = manifest_from_hub(hub, names, name=name, architecture=architecture)
+    _write_text_atomically(target, manifest.to_yaml())
+    from circuits.manifest import load_manifest
+
+    written = load_manifest(target)  # read back as sweep will: the paths resolve from the file's folder
+    layout = written.local.layout if written.local is not None else "hub"
+    typer.echo(f"wrote {target}: {written.name}, {len(written.steps)} checkpoints (steps {written.steps[0]} to "
+               f"{written.steps[-1]}, layout {layout})")
+
+
+def _refuse_overwrite(target: Path, force: bool) -> None:
+    if target.exists() and not force:
+        raise CircuitsError(f"{target}: exists; pass --force to replace it, or --out for another file")
+    if target.is_dir():
+        raise CircuitsError(f"--out {target}: is a folder; expected a manifest file path (e.g. {target / 'manifest.yaml'})")
+
+
+def _revision_list(path: Path) -> list[str]:
+    """Revision names from a text file: one a line, blank lines and '#' comments skipped."""
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise CircuitsError(f"--revisions {path}: cannot read ({getattr(err, 'strerror', None) or 'not text'})") from None
+    names = [line.split("#", 1)[0].strip() for line in lines]
+    names = [n for n in names if n]
+    if not names:
+        raise CircuitsError(f"--revisions {path}: no revision names (expected one a line)")
+    return names
+
+
+def _write_text_atomically(target: Path, text: str) -> None:
+    import os
+    import tempfile
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, target)
+
+
 def print_history(run_dir: Path) -> None:
     """A table of a trained run's checkpoints and their evaluation metrics."""
     from rich.console import Console

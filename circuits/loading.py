@@ -2,9 +2,12 @@
 
 Hub runs (Pythia) go through ``TransformerBridge.boot_transformers(repo, revision=...)``,
 which uses the local Hugging Face cache first (and only, with ``HF_HUB_OFFLINE=1``).
-Local runs hold one ``step{N}/`` folder per checkpoint: either a built-in native run
-(``config.json`` with format ``circuits-native/1`` + ``model.safetensors``) or a Hugging Face
-``save_pretrained`` folder, which boots through the very same path as a Hub model.
+Local runs hold one checkpoint per step, where ``local.layout`` says (``step{N}/`` by default,
+``checkpoint-{N}/``, ``NAME_{N}.safetensors``, a pattern: ``circuits.layouts``). A checkpoint is
+either a built-in native run (``config.json`` with format ``circuits-native/1`` +
+``model.safetensors``) or a Hugging Face ``save_pretrained`` folder, which boots through the
+very same path as a Hub model; PyTorch state dicts and nanoGPT's ``ckpt.pt`` are converted to
+such a folder first, once (``circuits.convert``).
 """
 
 from __future__ import annotations
@@ -18,22 +21,37 @@ from circuits.checkpoint import (
     bridge_native_module,
     load_native_module,
     read_checkpoint_config,
-    step_dirname,
 )
+from circuits.convert import bootable_folder
 from circuits.errors import CircuitsError, RetryableError, first_line
+from circuits.layouts import WEIGHT_SUFFIXES, find_checkpoint
 from circuits.manifest import Manifest, load_manifest
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "merges.txt",
+                   "tokenizer.model", "spiece.model")
 
-def checkpoint_dir(manifest: Manifest, step: int) -> Path:
+
+def checkpoint_path(manifest: Manifest, step: int) -> Path:
+    """Where step ``step`` of a local run lies, as its layout says: a folder or a weights file."""
     manifest.require_step(step)
+    if manifest.local is None:
+        raise CircuitsError(f"manifest {manifest.name}: a hub run has no local checkpoint folder")
     root = manifest.checkpoint_root
-    path = root / step_dirname(step)
-    if not path.is_dir():
-        raise CircuitsError(f"{path}: missing checkpoint folder for step {step} of {manifest.name}")
+    pattern = manifest.local.step_pattern
+    path = find_checkpoint(root, pattern, step)
+    if path is None:
+        kind = "file" if pattern.endswith(WEIGHT_SUFFIXES) else "folder"
+        raise CircuitsError(f"{root / pattern.format(step=step)}: missing checkpoint {kind} for step {step} of {manifest.name}")
     if not path.resolve().is_relative_to(root):
         raise CircuitsError(f"{path}: a symbolic link leading outside the run's folder ({path.resolve()}); "
                             "checkpoints must lie inside it")
     return path
+
+
+def checkpoint_dir(manifest: Manifest, step: int) -> Path:
+    """A folder that boots step ``step``: its own checkpoint folder, or the safetensors conversion of
+    what the run holds there (a weights file, a PyTorch state dict, nanoGPT's ckpt.pt: circuits.convert)."""
+    return bootable_folder(checkpoint_path(manifest, step), manifest.checkpoint_root, step)
 
 
 def load(manifest: Manifest | str | Path, step: int, device: str = "cpu"):
@@ -98,4 +116,9 @@ def boot_transformers(name: str, revision: str | None, device: str, where: str):
         # From the Hub, an OSError may be the network: worth another attempt.
         error = RetryableError if revision is not None and isinstance(err, OSError) else CircuitsError
         raise error(f"{where}: cannot load this checkpoint ({first}){hint}") from None
+    if revision is None and Path(name).is_dir() and not any((Path(name) / f).exists() for f in TOKENIZER_FILES):
+        # With no tokenizer files, transformers builds an empty placeholder (1-2 tokens) that
+        # would pass for the model's vocabulary (head-detector probes drawn from 2 ids): a folder
+        # without a tokenizer has none, as a native run.
+        bridge.tokenizer = None
     return bridge.eval()

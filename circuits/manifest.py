@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from circuits.errors import CircuitsError
+from circuits.layouts import FIXED_PATTERNS, check_pattern
 from circuits.steps import PYTHIA_STEPS
 
 
@@ -82,6 +83,9 @@ class HubSource(_Strict):
 
 class LocalSource(_Strict):
     path: str = "."
+    # Where step N's checkpoint lies in the folder (circuits.layouts): step{N}/ by default.
+    layout: Literal["step-folders", "hf-trainer", "files", "pattern"] = "step-folders"
+    pattern: str | None = None  # with {step}; given for the layouts files and pattern only
     recipe: str | None = None
     seed: int | None = None
     options: dict[str, Any] = Field(default_factory=dict)
@@ -95,6 +99,25 @@ class LocalSource(_Strict):
             raise ValueError("must be a relative path inside the manifest's folder (no '..', not absolute)")
         return value
 
+    @field_validator("pattern")
+    @classmethod
+    def _valid_pattern(cls, value: str | None) -> str | None:
+        return value if value is None else check_pattern(value)
+
+    @model_validator(mode="after")
+    def _pattern_matches_layout(self) -> LocalSource:
+        if self.layout in FIXED_PATTERNS and self.pattern is not None:
+            raise ValueError(f"'pattern' applies to the layouts files and pattern; layout {self.layout} "
+                             f"is always {FIXED_PATTERNS[self.layout]!r}")
+        if self.layout not in FIXED_PATTERNS and self.pattern is None:
+            raise ValueError(f"layout {self.layout} needs field 'pattern' (with {{step}}, e.g. 'model_{{step}}.safetensors')")
+        return self
+
+    @property
+    def step_pattern(self) -> str:
+        """The pattern of step N's checkpoint path, relative to the run folder."""
+        return self.pattern if self.pattern is not None else FIXED_PATTERNS[self.layout]
+
 
 class Manifest(_Strict):
     name: Annotated[str, Field(pattern=r"^[\w.-]+$")]
@@ -103,8 +126,7 @@ class Manifest(_Strict):
     hub: HubSource | None = None
     local: LocalSource | None = None
     architecture: str | None = None
-    # Shared with the layouts helper (identical change on both branches): tokens seen either as
-    # tokens_per_step (a constant batch) or as a per-step map {step: tokens_seen}; exactly one.
+    # Tokens seen: a constant number per step, or a map {step: tokens seen} (exactly one of the two).
     tokens_per_step: Annotated[int, Field(ge=1)] | None = None
     tokens: dict[Annotated[int, Field(ge=0)], Annotated[int, Field(ge=0)]] | None = None
     steps: list[Annotated[int, Field(ge=0)]]
@@ -138,15 +160,18 @@ class Manifest(_Strict):
         return self
 
     @model_validator(mode="after")
-    def _tokens_known(self) -> Manifest:
-        # Shared with the layouts helper (identical change on both branches).
+    def _tokens_given_once(self) -> Manifest:
         if (self.tokens_per_step is None) == (self.tokens is None):
-            raise ValueError("give exactly one of tokens_per_step (tokens seen per step) and tokens "
-                             "(a map {step: tokens seen})")
+            raise ValueError("give exactly one of tokens_per_step (tokens per step) and tokens "
+                             "(a map {step: tokens seen}), not " + ("both" if self.tokens is not None else "neither"))
         if self.tokens is not None:
-            missing = next((s for s in self.steps if s not in self.tokens), None)
-            if missing is not None:
-                raise ValueError(f"tokens has no entry for step {missing} (it must cover every step of steps)")
+            missing = [s for s in self.steps if s not in self.tokens]
+            extra = sorted(set(self.tokens) - set(self.steps))
+            if missing:
+                raise ValueError(f"field 'tokens' has no value for {len(missing)} of the steps "
+                                 f"(first: {missing[:3]}); it must cover every step")
+            if extra:
+                raise ValueError(f"field 'tokens' names steps that are not in 'steps' (first: {extra[:3]})")
         return self
 
     @model_validator(mode="after")
@@ -161,7 +186,7 @@ class Manifest(_Strict):
 
     @property
     def checkpoint_root(self) -> Path:
-        """Folder holding ``step{N}/`` checkpoint folders of a local run."""
+        """Folder holding a local run's checkpoints (``step{N}/`` or another ``local.layout``)."""
         if self.local is None:
             raise CircuitsError(f"manifest {self.name}: a hub run has no local checkpoint folder")
         base = (Path(self.origin).parent if self.origin else Path.cwd()).resolve()
@@ -172,9 +197,10 @@ class Manifest(_Strict):
         return root
 
     def tokens_seen(self, step: int) -> int:
-        if self.tokens is not None:  # shared with the layouts helper
+        if self.tokens is not None:
+            self.require_step(step)
             return self.tokens[step]
-        assert self.tokens_per_step is not None  # guaranteed by _tokens_known
+        assert self.tokens_per_step is not None  # guaranteed by the schema
         return step * self.tokens_per_step
 
     def require_step(self, step: int) -> None:
@@ -186,6 +212,8 @@ class Manifest(_Strict):
 
     def to_yaml(self) -> str:
         data = self.model_dump(exclude_none=True, exclude={"origin"})
+        if data.get("local", {}).get("layout") == "step-folders":
+            del data["local"]["layout"]  # the default: manifests written before layouts read the same
         return yaml.safe_dump(data, sort_keys=False)
 
 

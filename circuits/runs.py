@@ -19,7 +19,6 @@ import os
 import re
 import shutil
 import tempfile
-import warnings
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -186,7 +185,11 @@ class RunWriter:
         elif tokens_per_step is None:
             raise CircuitsError(f"{self.run_dir}: a new run needs tokens_per_step (tokens each training step saw: "
                                 "batch size x sequence length)")
-        self.tokens_per_step: int = self.existing.tokens_per_step if self.existing is not None else int(tokens_per_step or 0)
+        if self.existing is not None and self.existing.tokens_per_step is None:
+            raise CircuitsError(f"{self.manifest_path}: this run gives tokens per step as a map (field 'tokens'); "
+                                "steps can be added only to a run with tokens_per_step: write into another folder")
+        self.tokens_per_step: int = (self.existing.tokens_per_step or 0) if self.existing is not None \
+            else int(tokens_per_step or 0)
         self.name = self.existing.name if self.existing is not None else (name or _manifest_name(self.run_dir))
         self.description = self.existing.description if self.existing is not None else description
         self.architecture = self.existing.architecture if self.existing is not None else None
@@ -327,9 +330,9 @@ def read_state_dict(path: str | Path) -> dict[str, Any]:
     ``torch.load(weights_only=True)`` (tensors and plain containers only: nothing else is
     unpickled). A training checkpoint holding the weights under ``model`` or ``state_dict``
     gives those; ``_orig_mod.`` (``torch.compile``) is taken off the names."""
-    import pickle
-
     import torch
+
+    from circuits.convert import safe_torch_load
 
     path = Path(path)
     if not path.is_file():
@@ -344,16 +347,7 @@ def read_state_dict(path: str | Path) -> dict[str, Any]:
             return dict(load_file(str(path), device="cpu"))
         except (SafetensorError, OSError, ValueError) as err:
             raise CircuitsError(f"{path}: damaged safetensors file ({first_line(err)})") from None
-    try:
-        with warnings.catch_warnings():  # torch warns of the pickle it refuses: the error says it in one line
-            warnings.simplefilter("ignore")
-            data = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        found = re.search(r"Unsupported (?:global|operand)[^\n.]*", str(err))
-        raise CircuitsError(f"{path}: refused, it holds pickled objects other than tensors (read with "
-                            f"torch.load(weights_only=True) only{': ' + found.group(0) if found else ''})") from None
-    except (RuntimeError, OSError, EOFError, ValueError) as err:
-        raise CircuitsError(f"{path}: not a PyTorch weights file ({first_line(err)})") from None
+    data = safe_torch_load(path)  # tensors and plain values only: nothing in the file runs
     if isinstance(data, Mapping) and not all(isinstance(v, torch.Tensor) for v in data.values()):
         inner = next((data[k] for k in ("model", "state_dict") if isinstance(data.get(k), Mapping)), None)
         data = inner if inner is not None else data

@@ -142,8 +142,7 @@ def test_step_not_in_manifest_names_the_step_and_the_range():
 # --- bad files --------------------------------------------------------------------------------
 
 BAD_FILES = {
-    # tokens_per_step is optional beside a per-step tokens map (shared with the layouts helper): one of the two.
-    "missing-field": (without(VALID_LOCAL, "tokens_per_step"), r"give exactly one of tokens_per_step .* and tokens"),
+    "missing-tokens": (without(VALID_LOCAL, "tokens_per_step"), r"give exactly one of tokens_per_step .* and tokens .*not neither"),
     "missing-name": (without(VALID_LOCAL, "name"), r"field 'name': Field required"),
     "wrong-type": (with_value(VALID_LOCAL, "tokens_per_step", "many"), r"field 'tokens_per_step': .*integer.*'many'"),
     "wrong-type-steps": (with_value(VALID_LOCAL, "steps", {"a": 1}), r"field 'steps'"),
@@ -160,7 +159,7 @@ BAD_FILES = {
     "revision-without-placeholder": (with_value(VALID_HUB, "hub.revision_format", "main"), r"field 'hub\.revision_format': must contain the placeholder \{step\}"),
     "absolute-local-path": (with_value(VALID_LOCAL, "local.path", "/etc/runs"), r"field 'local\.path': must be a relative path"),
     "dotdot-local-path": (with_value(VALID_LOCAL, "local.path", "runs/../../secret"), r"field 'local\.path': must be a relative path.*'\.\.'"),
-    "unknown-field": ({**VALID_LOCAL, "tokens_total": 5}, r"field 'tokens_total': Extra inputs are not permitted"),
+    "unknown-field": ({**VALID_LOCAL, "tokens_seen": 5}, r"field 'tokens_seen': Extra inputs are not permitted"),
     "bad-name": (with_value(VALID_LOCAL, "name", "my run!"), r"field 'name'"),
 }
 

@@ -79,7 +79,8 @@ def test_a_pickle_named_safetensors_is_refused_and_never_runs(run_copy, tmp_path
     assert not marker.exists()
 
 
-def test_a_hugging_face_folder_with_only_pickled_weights_is_refused(run_copy, tmp_path):
+def test_a_hugging_face_folder_with_a_pickle_as_its_only_weights_is_refused(run_copy, tmp_path):
+    """PyTorch weights are read only through torch.load(weights_only=True): a payload is refused, unrun."""
     marker = tmp_path / "pwned"
     step = run_copy / "step600"
     for f in step.iterdir():
@@ -88,14 +89,16 @@ def test_a_hugging_face_folder_with_only_pickled_weights_is_refused(run_copy, tm
                                                   "hidden_size": 8, "num_attention_heads": 2, "num_hidden_layers": 1,
                                                   "intermediate_size": 16, "vocab_size": 64}))
     (step / "pytorch_model.bin").write_bytes(payload(marker))
-    with pytest.raises(CircuitsError, match=r"no \.safetensors weights .*found pytorch_model\.bin"):
+    with pytest.raises(CircuitsError, match=r"pytorch_model\.bin: holds a pickled object other than tensors and plain "
+                                            r"values; refused \(PyTorch files are read with torch\.load\(weights_only=True\)"):
         circuits.load(run_copy, 600)
     assert not marker.exists()
 
 
 def test_no_code_path_unpickles_or_evaluates():
-    """The library and the app never call the loaders that run code from data."""
-    banned = re.compile(r"\bpickle\.loads?\(|\btorch\.load\(|\bnp\.load\(.*allow_pickle=True|\byaml\.load\(|"
+    """The library and the app never call the loaders that run code from data (torch.load only
+    with weights_only=True, which rebuilds tensors and plain values and runs nothing)."""
+    banned = re.compile(r"\bpickle\.loads?\(|\btorch\.load\((?![^)]*weights_only=True)|\bnp\.load\(.*allow_pickle=True|\byaml\.load\(|"
                         r"\byaml\.unsafe_load|(?<![.\w])eval\(|(?<![.\w])exec\(|\bunsafe_allow_html=True|\bmarshal\.loads?\(")
     hits = [f"{path.relative_to(ROOT)}:{i}" for folder in ("circuits", "app") for path in (ROOT / folder).rglob("*.py")
             for i, line in enumerate(path.read_text().splitlines(), 1) if banned.search(line)]
