@@ -141,6 +141,8 @@ def sweep(
     Each pending step runs on the config's executor (``local``: this process; ``ray``: one Ray
     task per step; see docs/scaling.md), or on an executor object from ``circuits.executors``
     passed as ``executor``. Shards are the unit, so a sweep resumes whatever executor began it.
+    Once the run's final step is in the study, the measures that need the final checkpoint are
+    computed (``circuits.run_end``).
     """
     runner = None if executor is None or isinstance(executor, str) else executor
     if isinstance(executor, str):
@@ -182,6 +184,9 @@ def sweep(
     finally:
         if own and runner is not None:
             runner.close()
+    from circuits.run_end import after_sweep
+
+    after_sweep(out, config.device)  # the run's final step visited: measures that need it (circuits.run_end)
     return store.open_study(out)
 
 
