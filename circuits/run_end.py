@@ -32,6 +32,7 @@ import h5py
 import numpy as np
 
 from circuits.errors import CircuitsError
+from circuits.manifest import Manifest
 from circuits.store.study import RUN_END_FILE, RUN_END_FORMAT, RunEnd, Study, open_study
 
 
@@ -114,8 +115,10 @@ def finalize(study_path: str | Path, device: str = "cpu") -> RunEnd | None:
         return study.refresh().run_end
 
 
-def after_sweep(out: Path, device: str = "cpu") -> RunEnd | None:
+def after_sweep(out: Path, manifest: Manifest, device: str = "cpu") -> RunEnd | None:
     """The sweep's call: finalize once the run's final step is in the study and the file lags behind."""
+    if manifest.local is None or manifest.local.recipe != "modular-addition":
+        return None  # the only run with run-end measures; other studies are not even opened
     with open_study(out) as study:
         if not needs_run_end(study) or study.manifest.steps[-1] not in study.steps:
             return None

@@ -186,7 +186,7 @@ def sweep(
             runner.close()
     from circuits.run_end import after_sweep
 
-    after_sweep(out, config.device)  # the run's final step visited: measures that need it (circuits.run_end)
+    after_sweep(out, manifest, config.device)  # the run's final step visited: measures that need it (circuits.run_end)
     return store.open_study(out)
 
 
