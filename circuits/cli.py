@@ -300,6 +300,25 @@ def _write_text_atomically(target: Path, text: str) -> None:
     os.replace(tmp, target)
 
 
+@app.command()
+def finalize(
+    study: Annotated[Path, typer.Argument(help="Study folder (made by `circuits sweep`) of a run that has ended")],
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+) -> None:
+    """Compute the measures that need the run's final checkpoint (modular addition: restricted and excluded loss)."""
+    from circuits.config import check_device
+    from circuits.run_end import finalize as run_finalize
+
+    check_device(device)
+    done = run_finalize(study, device)
+    if done is None:
+        typer.echo(f"study {study}: nothing is computed at run end for this run")
+        return
+    prov = done.provenance
+    typer.echo(f"study {study}: run-end measures of {done.steps.size} steps with the key frequencies "
+               f"{', '.join(map(str, prov['key_freqs']))} of the final step {prov['final_step']}")
+
+
 def print_history(run_dir: Path) -> None:
     """A table of a trained run's checkpoints and their evaluation metrics."""
     from rich.console import Console

@@ -1,7 +1,9 @@
 """Progress measures per checkpoint: in-context learning, and grokking's hidden progress.
 
 ``progress_analysis(ctx)`` is the per-step visit analysis (stored under ``/progress/{key}``).
-What it measures depends on the run:
+A step's visit reads only its own checkpoint (``ctx.model``), so what it stores does not
+depend on when the sweep ran or on which later checkpoints existed then. What it measures
+depends on the run:
 
 Every run except modular addition: the **in-context-learning score** (Olsson et al. 2022:
 loss late in the context minus loss early in it) on probe prompts of repeated random tokens
@@ -13,26 +15,39 @@ loss late in the context minus loss early in it) on probe prompts of repeated ra
 - ``loss_by_position``: ``[2n]`` loss of each prediction.
 
 Modular addition (``manifest.local.recipe == "modular-addition"``; Nanda et al. 2023), on
-every pair ``a b =`` and the run's own train/test split:
+every pair ``a b =`` and the run's own train/test split. Three places compute its measures:
+
+*Per step* (the visit, from this checkpoint alone):
 
 - ``train_loss``, ``test_loss``, ``train_acc``, ``test_acc``;
 - ``embed_freq_norm``: ``[(p-1)/2]`` norm of the embedding ``W_E[:p]`` in the Fourier basis
   of Z_p per frequency ``k`` (cos and sin components together);
-- ``key_freqs``: ``[n_key]`` the key frequencies: the ``n_key`` (option ``n_key_freqs``, 5)
-  largest ``embed_freq_norm`` of the run's *final* checkpoint (as in the paper, one set for
-  the whole run; the last one written for a run still training; option ``key_freqs`` overrides);
-- ``key_share``: share of the embedding's squared Fourier norm (constant term excluded) in
-  the key frequencies; ``top_share``: the same for this step's own top ``n_key``;
+- ``top_share``: share of the embedding's squared Fourier norm (constant term excluded) in
+  this step's own top ``n_key`` (option ``n_key_freqs``, 5) frequencies.
+
+*At run end* (``circuits.run_end``: the sweep once the run's final step is visited, or
+``circuits finalize STUDY``), written to the study's ``run_end.h5`` and read as
+``progress/...`` by the study: with the key frequencies of the run's *final* checkpoint (its
+top ``n_key`` ``embed_freq_norm``, one set for the whole run, as in the paper):
+
+- ``key_freqs``: ``[n_key]`` those frequencies;
 - ``restricted_loss``: loss on all pairs when the logits keep only their key-frequency
   components: for each output ``c``, the logits as a function of ``(a, b)`` are projected onto
   ``cos(w_k (a+b))`` and ``sin(w_k (a+b))`` for the key ``k`` plus the constant;
 - ``excluded_loss``: training loss when exactly those key-frequency components are removed.
+
+*From the study* (``circuits.tracking.track``, pure, no checkpoint): ``key_share``, the share
+of each step's stored ``embed_freq_norm`` (squared, constant excluded) in the key frequencies.
+
+With option ``key_freqs`` (an explicit list) nothing depends on another checkpoint, so the
+visit stores ``key_freqs``, ``key_share``, ``restricted_loss`` and ``excluded_loss`` itself
+and there is nothing to do at run end.
 """
 
 from __future__ import annotations
 
 import math
-from functools import lru_cache
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -123,79 +138,76 @@ def restricted_and_excluded(
     return restricted, excluded
 
 
-@lru_cache(maxsize=8)
-def _final_key_freqs(origin: str, final_step: int, n_key: int) -> tuple[int, ...]:
-    from circuits.loading import load
-    from circuits.manifest import load_manifest
-
-    model = load(load_manifest(origin), final_step)
-    p = int(model.cfg.d_vocab_out)
-    norms = embed_freq_norms(model.W_E.detach().float().cpu()[:p])
-    return tuple(int(k) for k in top_freqs(norms, n_key))
+def n_key_freqs(options: dict, p: int) -> int:
+    """How many key frequencies (option ``n_key_freqs``, 5), at most the (p-1)/2 there are."""
+    return min(int(options.get("n_key_freqs", N_KEY_FREQS)), (p - 1) // 2)
 
 
-def _last_available_step(manifest) -> int:
-    """The run's last step; for a local run still training, the last checkpoint written so far."""
-    if manifest.source == "local" and manifest.origin is not None:
-        from circuits.checkpoint import step_dirname
+@dataclass(frozen=True)
+class ModAddOutputs:
+    """One checkpoint's outputs on every pair ``a b =``, with the run's train/test split."""
 
-        root = manifest.checkpoint_root  # a property that resolves paths: once, not per step
-        for step in reversed(manifest.steps):
-            if (root / step_dirname(step) / "config.json").exists():
-                return step
-    return manifest.steps[-1]
+    p: int
+    full: Float[Tensor, "pairs pos vocab"]  # the model's logits at every position
+    pairs: Tensor  # [p*p, 3] inputs, a major
+    train_idx: Tensor
+    test_idx: Tensor
 
+    @property
+    def logits(self) -> Float[Tensor, "pairs p"]:
+        """Logits over the answers ``0..p-1`` at the ``=`` position, float64."""
+        return self.full[:, -1, : self.p].double()
 
-def key_frequencies(ctx: VisitContext, p: int, norms: np.ndarray | None = None) -> np.ndarray:
-    """The run's key frequencies: ``ctx.options['key_freqs']``, else the final checkpoint's top ones.
-
-    ``norms``: this step's ``embed_freq_norms``, when the caller has them already."""
-    if "key_freqs" in ctx.options:
-        return np.asarray(ctx.options["key_freqs"], dtype=np.int64)
-    n_key = min(int(ctx.options.get("n_key_freqs", N_KEY_FREQS)), (p - 1) // 2)
-    final = _last_available_step(ctx.manifest)
-    if ctx.step == final or ctx.manifest.origin is None:
-        if norms is None:
-            norms = embed_freq_norms(ctx.model.W_E.detach().float().cpu()[:p])
-        return top_freqs(norms, n_key)
-    return np.asarray(_final_key_freqs(ctx.manifest.origin, final, n_key), dtype=np.int64)
+    @property
+    def answers(self) -> Tensor:
+        return (self.pairs[:, 0] + self.pairs[:, 1]) % self.p
 
 
-def modular_addition_measures(ctx: VisitContext) -> AnalysisResult:
-    from circuits.recipes.modular_addition import (
-        all_pairs,
-        answer_loss_and_accuracy,
-        train_test_split,
-    )
+def modular_addition_outputs(model, manifest, device: str = "cpu") -> ModAddOutputs:
+    """A forward pass of ``model`` over every pair of the run ``manifest`` describes."""
+    from circuits.recipes.modular_addition import all_pairs, train_test_split
 
-    local = ctx.manifest.local
+    local = manifest.local
     if local is None:
-        raise CircuitsError(f"manifest {ctx.manifest.name}: the modular-addition measures need a local run")
+        raise CircuitsError(f"manifest {manifest.name}: the modular-addition measures need a local run")
     p = int(local.options["p"])
     train_idx, test_idx = train_test_split(p, float(local.options["train_frac"]), int(local.seed or 0))
     pairs = all_pairs(p)
     with torch.no_grad():
-        full = ctx.model(pairs.to(ctx.device)).cpu()
+        full = model(pairs.to(device)).cpu()
+    return ModAddOutputs(p, full, pairs, train_idx, test_idx)
+
+
+def model_freq_norms(model, p: int) -> np.ndarray:
+    """``embed_freq_norms`` of a model's embedding rows ``0..p-1`` (the numbers)."""
+    return embed_freq_norms(model.W_E.detach().float().cpu()[:p])
+
+
+def modular_addition_measures(ctx: VisitContext) -> AnalysisResult:
+    """The per-step grokking measures; with option ``key_freqs`` also those that use the keys."""
+    from circuits.recipes.modular_addition import answer_loss_and_accuracy
+
+    out = modular_addition_outputs(ctx.model, ctx.manifest, ctx.device)
+    p, pairs, train_idx, test_idx = out.p, out.pairs, out.train_idx, out.test_idx
     # Loss and accuracy exactly as the recipe evaluates them (metrics.json).
-    train_loss, train_acc = answer_loss_and_accuracy(full[train_idx], pairs[train_idx], p)
-    test_loss, test_acc = answer_loss_and_accuracy(full[test_idx], pairs[test_idx], p)
-    logits = full[:, -1, :p].double()
-    answers = (pairs[:, 0] + pairs[:, 1]) % p
-    norms = embed_freq_norms(ctx.model.W_E.detach().float().cpu()[:p])
-    keys = key_frequencies(ctx, p, norms)
-    restricted, excluded = restricted_and_excluded(logits, answers, train_idx, p, keys)
-    return {
+    train_loss, train_acc = answer_loss_and_accuracy(out.full[train_idx], pairs[train_idx], p)
+    test_loss, test_acc = answer_loss_and_accuracy(out.full[test_idx], pairs[test_idx], p)
+    norms = model_freq_norms(ctx.model, p)
+    n_key = len(ctx.options["key_freqs"]) if "key_freqs" in ctx.options else n_key_freqs(ctx.options, p)
+    measures: AnalysisResult = {
         "train_loss": train_loss.item(),
         "test_loss": test_loss.item(),
         "train_acc": train_acc.item(),
         "test_acc": test_acc.item(),
         "embed_freq_norm": norms.astype("float32"),
-        "key_freqs": keys.astype(np.int64),
-        "key_share": key_share(norms, keys),
-        "top_share": key_share(norms, top_freqs(norms, len(keys))),
-        "restricted_loss": restricted,
-        "excluded_loss": excluded,
+        "top_share": key_share(norms, top_freqs(norms, n_key)),
     }
+    if "key_freqs" in ctx.options:  # given keys: nothing here depends on another checkpoint
+        keys = np.asarray(ctx.options["key_freqs"], dtype=np.int64)
+        restricted, excluded = restricted_and_excluded(out.logits, out.answers, train_idx, p, keys)
+        measures |= {"key_freqs": keys, "key_share": key_share(norms, keys),
+                     "restricted_loss": restricted, "excluded_loss": excluded}
+    return measures
 
 
 # ---------------------------------------------------------------- the visit analysis

@@ -147,6 +147,8 @@ def sweep(
     ``follow=True`` (``circuits sweep --follow``): ``manifest`` is a local run still training;
     after the checkpoints present, new ones are visited as they land, until the run writes its
     completion marker or ``idle`` seconds pass without a new checkpoint (``_follow``).
+    Once the run's final step is in the study, the measures that need the final checkpoint are
+    computed (``circuits.run_end``).
     """
     runner = None if executor is None or isinstance(executor, str) else executor
     if isinstance(executor, str):
@@ -171,6 +173,10 @@ def sweep(
                          trust_at=spread_steps(selected, config.trust_steps))
     finally:
         runners.close()
+    from circuits.run_end import after_sweep
+
+    ran = manifest if isinstance(manifest, Manifest) else load_manifest(manifest)  # followed: as it ended
+    after_sweep(out, ran, config.device)  # the run's final step visited: measures that need it (circuits.run_end)
     return store.open_study(out)
 
 

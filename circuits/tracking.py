@@ -903,6 +903,10 @@ def track(study, min_share: float = 0.2, gap_z: float = GAP_Z, reproducible: flo
         arr = np.asarray(study.array(key), dtype=float)
         if arr.ndim == 1:
             curves[key] = arr
+    if "progress/key_share" not in curves:  # stored per step only when the sweep was given the keys
+        share = key_share_from_study(study)
+        if share is not None:
+            curves["progress/key_share"] = share
     heads = {key.split("/", 1)[1]: np.asarray(study.array(key), dtype=float) for key in _keys(study, "heads")}
 
     explained = explained_of(study, gap_z, reproducible, gap_floor)
@@ -979,6 +983,17 @@ def track(study, min_share: float = 0.2, gap_z: float = GAP_Z, reproducible: flo
         if target in candidates:
             tracking.leading += leading_indicators(target, phases, candidates, steps, tokens, min_share=min_share)
     return tracking
+
+
+def key_share_from_study(study) -> np.ndarray | None:
+    """``progress/key_share`` over steps, from the study alone: each step's share of squared
+    ``progress/embed_freq_norm`` in the run's key frequencies (``progress/key_freqs``, known
+    once the run has ended: circuits.run_end); None while they are not."""
+    if not (_has(study, "progress/embed_freq_norm") and _has(study, "progress/key_freqs")):
+        return None
+    squared = np.asarray(study.array("progress/embed_freq_norm"), dtype=float) ** 2  # [steps, (p-1)/2]
+    keys = np.asarray(study.array("progress/key_freqs"), dtype=np.int64)[-1]  # one set for the run, 1-based
+    return squared[:, keys - 1].sum(axis=1) / np.maximum(squared.sum(axis=1), 1e-30)
 
 
 LEAD_TARGETS = ("metric", "progress/test_loss")  # the curves whose phase changes get leading indicators
@@ -1121,6 +1136,10 @@ def summary_text(tracking: Tracking) -> str:
                      if k in ("metric", "loss", "progress/icl_score", "progress/test_acc", "circuit/n_edges"))
     if ends:
         lines.append(f"  {ends}")
+    if "progress/top_share" in tracking.curves and "progress/restricted_loss" not in tracking.curves:
+        # modular addition: these need the run's final checkpoint (circuits.run_end)
+        lines.append("  restricted loss, excluded loss and key share are computed when the run ends "
+                     "(`circuits finalize STUDY`)")
     lines += _explained_lines(tracking)
     if tracking.trust_lines:
         lines += ["", *tracking.trust_lines]

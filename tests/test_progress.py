@@ -80,10 +80,15 @@ def test_icl_score_on_the_induction_run(induction_run):
 @pytest.fixture(scope="module")
 def grok_series(grokking_run):
     """The measures over the grokking run's first 1000 steps (memorised by ~100, test accuracy ~0.9 at 1000)."""
+    import circuits
     from circuits.manifest import load_manifest
+    from circuits.progress import model_freq_norms
 
-    steps = [step for step in load_manifest(grokking_run).steps if step <= 1000]
-    rows = [progress_analysis(_ctx(grokking_run, step)) for step in steps]
+    manifest = load_manifest(grokking_run)
+    # The run's key frequencies, as the run-end pass takes them: the final checkpoint's top 5.
+    keys = top_freqs(model_freq_norms(circuits.load(manifest, manifest.steps[-1]), 31), 5).tolist()
+    steps = [step for step in manifest.steps if step <= 1000]
+    rows = [progress_analysis(_ctx(grokking_run, step, key_freqs=keys)) for step in steps]
     series = {k: np.array([r[k] for r in rows]) for k in rows[0]}
     return np.array(steps), series
 

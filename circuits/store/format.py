@@ -34,7 +34,7 @@ STUDY_FILE = "study.json"
 INDEX_FILE = "index.h5"
 SHARD_DIR = "shards"
 SHARD_RE = re.compile(r"^step(\d{8})\.h5$")
-TMP_RE = re.compile(r"^\.(step\d{8}\.h5|index\.h5)\.tmp-(\d+)$")
+TMP_RE = re.compile(r"^\.(step\d{8}\.h5|index\.h5|run_end\.h5)\.tmp-(\d+)$")
 # Groups the sweep itself writes; analyses may not use these names.
 RESERVED = ("patterns", "activations", "outputs", "task")
 PATTERNS = "patterns"  # [example, layer, head, q*(q+1)/2 + k]: the causal lower triangle, row by row

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +29,52 @@ from circuits.store.format import (
 )
 from circuits.store.index import Layout, datasets_of, open_shard, scan_shards
 from circuits.store.record import read_study_json, task_from_record
+
+# The run-end file: measures of every step that need the run's final checkpoint (the final key
+# frequencies of modular addition), written once the run has ended by ``circuits.run_end`` and
+# read here as ``progress/...`` keys beside the shards' own (docs/storage.md).
+RUN_END_FILE = "run_end.h5"
+RUN_END_FORMAT = "circuits-run-end/1"
+RUN_END_KEYS = ("progress/restricted_loss", "progress/excluded_loss", "progress/key_freqs")
+
+
+@dataclass(frozen=True)
+class RunEnd:
+    """What ``run_end.h5`` holds: per-step values at ``steps``, and what they were computed with."""
+
+    steps: np.ndarray  # [n] int64, the steps computed
+    values: dict[str, np.ndarray]  # "progress/restricted_loss" -> [n]; "progress/key_freqs" -> [n_key]
+    provenance: dict[str, Any]  # final_step, key_freqs, n_key, manifest_name, written, versions
+
+    def at(self, step: int) -> int | None:
+        """Row of ``step`` in ``steps`` (None when not computed)."""
+        hits = np.flatnonzero(self.steps == int(step))
+        return int(hits[0]) if hits.size else None
+
+
+def read_run_end(study: Path) -> RunEnd | None:
+    """The study's run-end file, checked (None when there is none)."""
+    path = Path(study) / RUN_END_FILE
+    if not path.exists():
+        return None
+    try:
+        with h5py.File(path, "r") as f:
+            if f.attrs.get("format") != RUN_END_FORMAT or not f.attrs.get("complete", False):
+                found = f.attrs.get("format")
+                raise CircuitsError(f"{path}: not a complete run-end file (format {found!r}, expected "
+                                    f"{RUN_END_FORMAT!r}); rewrite it with `circuits finalize {study}`")
+            provenance = json.loads(f.attrs["provenance"])
+            steps = np.asarray(f["steps"][()], dtype=np.int64)
+            values = {key: np.asarray(f[key][()]) for key in RUN_END_KEYS if key in f}
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CircuitsError(f"{path}: damaged run-end file ({cause(err)}); rewrite it with "
+                            f"`circuits finalize {study}`") from None
+    per_step = [k for k in values if k != "progress/key_freqs"]
+    if steps.ndim != 1 or any(values[k].shape != steps.shape for k in per_step):
+        raise CircuitsError(f"{path}: damaged run-end file (its arrays do not match its {steps.size} steps); "
+                            f"rewrite it with `circuits finalize {study}`")
+    return RunEnd(steps, values, provenance)
+
 
 if TYPE_CHECKING:  # they import torch, yaml or networkx: opening a study must not
     import networkx as nx
@@ -84,6 +131,9 @@ class Study:
         self._signatures: dict[int, tuple[int, int, int]] = {}
         self.problems: dict[int, str] = {}
         self.steps: list[int] = []
+        self.run_end: RunEnd | None = None  # the run-end file, once the run has ended (circuits.run_end)
+        self.run_end_problem: str | None = None  # why a run-end file there is not read
+        self._run_end_signature = (0, 0, 0)
         self.refresh()
 
     # -- lifecycle
@@ -112,7 +162,47 @@ class Study:
                 self._forget(step)
                 self.problems[step] = str(err)
         self.steps = sorted(self._layouts)
+        self._refresh_run_end()
         return self
+
+    def _refresh_run_end(self) -> None:
+        """(Re)read ``run_end.h5`` when it appeared or was replaced; a damaged one is a problem, not data."""
+        signature = _signature(self.path / RUN_END_FILE)
+        if signature == self._run_end_signature:
+            return
+        self._run_end_signature = signature
+        try:
+            self.run_end, self.run_end_problem = read_run_end(self.path), None
+        except CircuitsError as err:
+            self.run_end, self.run_end_problem = None, str(err)
+
+    def _from_run_end(self, key: str) -> bool:
+        """Whether ``key`` is served by the run-end file: it holds it and no shard does."""
+        return (self.run_end is not None and key in self.run_end.values
+                and not any(key in layout for layout in self._layouts.values()))
+
+    def _run_end_at(self, step: int, key: str) -> np.ndarray:
+        assert self.run_end is not None  # checked by _from_run_end
+        value = self.run_end.values[key]
+        if key == "progress/key_freqs":
+            return value  # one set for the whole run
+        row = self.run_end.at(step)
+        if row is None:
+            raise CircuitsError(f"study {self.path}: step {step} holds no {key!r} (the run-end file lacks it; "
+                                f"recompute with `circuits finalize {self.path}`)")
+        return value[row]
+
+    def _run_end_array(self, key: str) -> np.ndarray:
+        assert self.run_end is not None  # checked by _from_run_end
+        value = self.run_end.values[key]
+        if key == "progress/key_freqs":
+            return np.repeat(value[None], len(self.steps), axis=0)  # one set for the whole run
+        out = np.full(len(self.steps), fill_value(value.dtype), dtype=value.dtype)
+        for i, step in enumerate(self.steps):
+            row = self.run_end.at(step)
+            if row is not None:
+                out[i] = value[row]
+        return out
 
     def _check_layout(self, step: int, layout: Layout) -> None:
         """Refuse a shard whose datasets cannot be what this study stored."""
@@ -281,15 +371,20 @@ class Study:
 
     def array_at(self, step: int, key: str) -> np.ndarray:
         """One stored array at one step (``"heads/induction"``, ``"outputs/metric_clean"``...)."""
-        return self._read(step, key.strip("/"))
+        key = key.strip("/")
+        if self._from_run_end(key):
+            self._shard(step)  # a step of the study, or the error that says it is not
+            return self._run_end_at(int(step), key)
+        return self._read(step, key)
 
     def has(self, key: str) -> bool:
         key = key.strip("/")
-        return any(key in layout for layout in self._layouts.values())
+        return any(key in layout for layout in self._layouts.values()) or self._from_run_end(key)
 
     def keys(self, prefix: str | None = None) -> list[str]:
-        """Every stored key (datasets), optionally only those under ``prefix/``."""
-        found = sorted({k for layout in self._layouts.values() for k in layout})
+        """Every stored key (datasets, and the run-end file's), optionally only those under ``prefix/``."""
+        found = sorted({k for layout in self._layouts.values() for k in layout}
+                       | set(self.run_end.values if self.run_end is not None and self.steps else ()))
         if prefix:
             found = [k for k in found if k.startswith(prefix.strip("/") + "/")]
         return found
@@ -297,6 +392,8 @@ class Study:
     def array(self, key: str) -> np.ndarray:
         """``key`` stacked over ``steps``: [n_steps, ...]; NaN (False, -1) where a step lacks it."""
         key = key.strip("/")
+        if self._from_run_end(key):
+            return self._run_end_array(key)
         specs = [self._layouts[s][key] for s in self.steps if key in self._layouts[s]]
         if not specs:
             raise CircuitsError(f"study {self.path}: no step holds {key!r} (stored: {', '.join(self.keys()[:8])})")
