@@ -53,7 +53,7 @@ GUTTER = 90.0  # free strip on the right where bundles of aggregated edges run
 CLEAR = 7.0  # least distance of a routed edge from any box it passes
 BAND = 2.0  # a route crosses a row from BAND below its boxes to BAND above them
 ROLE_BADGES = {"induction": "IND", "previous_token": "PREV", "duplicate_token": "DUP",
-               "successor": "SUCC", "copy_suppression": "CS"}
+               "successor": "SUCC", "copy_suppression": "CS", "copying": "COPY"}
 
 
 class Parsed(NamedTuple):

@@ -4,7 +4,7 @@ Python hands it ``graph_view.view(...)``: nodes as boxes at fixed places (heads 
 v entry points marked, role badges), edges as routed polylines (the JS rounds their corners by
 less than ``graph_view.CLEAR``, so a rounded edge still clears every box), bundles of the edges
 not drawn one by one. The SVG fills the width of its column and the height of the layout, so
-the whole graph is on screen. Clicking a node highlights its edges at once (the others dim) and
+the whole graph is on screen (it also shrinks to the room left below its top on the page). Clicking a node highlights its edges at once (the others dim) and
 sends its name back as the ``node`` trigger.
 
 Every string from the study reaches the page through ``textContent``/``setAttribute``, never
@@ -40,8 +40,8 @@ CSS = """
 .cg-port-label { fill: #555 !important; }
 .cg-badge rect { fill: #6a3d9a; }
 .cg-badge text { fill: #fff !important; font-weight: 600; }
-.cg-legend { font-size: 12px; color: var(--st-text-color, #333); margin: 2px 0 4px 0; line-height: 1.5; }
-.cg-legend span { margin-right: 14px; white-space: nowrap; }
+.cg-legend { font-size: 11px; color: var(--st-text-color, #333); margin: 2px 0 0 0; line-height: 1.4; }
+.cg-legend span { margin-right: 12px; white-space: nowrap; }
 .cg-note { display: block; white-space: normal !important; color: #555; }
 .cg-swatch { display: inline-block; width: 22px; height: 0; vertical-align: middle;
              margin-right: 4px; border-top: 3px solid; }
@@ -52,6 +52,7 @@ const NS = 'http://www.w3.org/2000/svg';
 const COLOURS = { needed: '__NEEDED__', opposing: '__OPPOSING__', added: '__ADDED__',
                   removed: '__REMOVED__', bundle: '__BUNDLE__' };
 const RADIUS = __RADIUS__;
+const MIN_HEIGHT = 280;
 
 function el(tag, attrs, parent) {
   const node = document.createElementNS(NS, tag);
@@ -118,8 +119,9 @@ export default function(component) {
   legendItem(legend, COLOURS.added, 'solid', 'halo: added since the previous step (' + data.counts.added + ')');
   legendItem(legend, COLOURS.removed, 'dashed', 'removed (' + data.counts.removed + ')');
   const how = document.createElement('span');
-  how.textContent = 'width: |score|' + (data.opacity_note ? '; ' + data.opacity_note : '') +
-                    '; a head\u2019s inputs enter at q (left), k (middle), v (right)';
+  how.className = 'cg-note';
+  how.textContent = 'Width: |score|' + (data.opacity_note ? '; ' + data.opacity_note : '') +
+                    '. A head\u2019s inputs enter it at q (left), k (middle), v (right); badges: detector roles.';
   legend.appendChild(how);
   if (data.note) {
     const note = document.createElement('span');
@@ -127,8 +129,6 @@ export default function(component) {
     note.textContent = data.note;
     legend.appendChild(note);
   }
-  root.appendChild(legend);
-
   const svg = el('svg', { viewBox: '0 0 ' + data.width + ' ' + data.height, preserveAspectRatio: 'xMidYMid meet',
                           'data-testid': 'circuit-graph', 'data-step': data.step, 'data-edges': data.edges.length,
                           'data-added': data.counts.added, 'data-removed': data.counts.removed,
@@ -189,14 +189,15 @@ export default function(component) {
         el('text', { class: 'cg-port-label', x: px, y: py - n.h * 0.22, 'font-size': font * 0.75 }, g).textContent = port;
       }
     }
-    let bx = n.x + n.w / 2;
+    // badges sit on the box's top edge from its right corner outwards, clear of its label
+    let bx = n.x + n.w / 2 - 6;
     for (const [badge, kind] of n.roles) {
-      const w = badge.length * font * 0.62 + 4, h = font + 3;
+      const w = badge.length * font * 0.5 + 4, h = font * 0.8 + 2;
       const b = el('g', { class: 'cg-badge', 'data-role': kind }, g);
-      el('rect', { x: bx - w, y: n.y - n.h / 2 - h * 0.6, width: w, height: h, rx: 3 }, b);
-      el('text', { x: bx - w / 2, y: n.y - n.h / 2 - h * 0.6 + h / 2, 'font-size': font * 0.8 }, b).textContent = badge;
+      el('rect', { x: bx, y: n.y - n.h / 2 - h + 2, width: w, height: h, rx: 3 }, b);
+      el('text', { x: bx + w / 2, y: n.y - n.h / 2 - h / 2 + 2, 'font-size': font * 0.7 }, b).textContent = badge;
       tip(b, n.id + ': ' + kind + ' head (detector role)');
-      bx -= w + 2;
+      bx += w + 1;
     }
     tip(g, n.id);
     g.addEventListener('click', () => {
@@ -205,6 +206,12 @@ export default function(component) {
     });
   }
   root.appendChild(svg);
+  root.appendChild(legend);
+  // Fit the screen: the drawing shrinks (viewBox keeps its proportions) to the room left below
+  // its top on the page as opened, the legend included, but not under MIN_HEIGHT.
+  const top = svg.getBoundingClientRect().top + window.scrollY;
+  const room = window.innerHeight - top - legend.getBoundingClientRect().height - 12;
+  svg.style.height = Math.max(MIN_HEIGHT, Math.min(data.height, room)) + 'px';
   highlight(svg, data.selected || null);
   performance.mark('circuits-graph', { detail: { step: data.step } });
 }

@@ -67,7 +67,7 @@ def _toggle_play() -> None:
         st.session_state["circuit.step"] = steps[0]  # play from the start when at the end
 
 
-controls = st.columns([3, 2, 1, 1])
+controls = st.columns([5, 2, 1, 1])
 controls[0].radio("Edges", MODES, key="circuit.mode", horizontal=True, on_change=_sync_selection,
                   format_func=MODE_LABELS.get,
                   help="The stable circuit (edges in most bootstrap resamples, at steps that have a "
@@ -142,32 +142,34 @@ def graph_panel() -> None:
             "selected": selected}  # a shallow copy: the cached view is shared
     counts = view["counts"]
     since = f"since step {view['previous_step']}" if view["previous_step"] is not None else "(first step)"
-    stats = st.columns(4)
-    stats[0].metric("Step", f"{step:,}")
-    stats[1].metric("Edges drawn", counts["kept"] + counts["added"])
-    stats[2].metric(f"Added {since}", counts["added"])
-    stats[3].metric(f"Removed {since}", counts["removed"])
-    with ui.guard(f"say whether step {step} has a circuit"):
-        circuit_status(step)
-    with ui.guard(f"show the trust check at step {step}"):
-        trust_status(step)
+    # The graph beside the step's numbers and the node panel, right under the slider: the whole
+    # graph is on a 1400 x 900 screen (the component also shrinks it to the room left below it).
     left, right = st.columns([7, 3])
     with left:
         circuit_graph(view, key="circuit.graph", on_node=_on_graph_click)
-        with ui.guard(f"list the edges drawn at step {step}"):
-            rows = data.edge_table(path, stamp, step, mode, threshold, top_n)
-            with st.expander(f"Edges drawn at step {step} ({len(rows)}): score +- se, share of resamples"):
-                st.dataframe(rows, hide_index=True, key="circuit.edges")
-        with ui.guard("draw the metric over training"):
-            series = data.curves(path, stamp)
-            if series:
-                fig = charts.lines_over_steps(steps, series, step, "Over training (this step marked)")
-                fig.update_layout(height=230)
-                st.plotly_chart(fig, key="circuit.curves")
     with right:
+        stats = st.columns(2)
+        stats[0].metric("Step", f"{step:,}")
+        stats[1].metric("Edges drawn", counts["kept"] + counts["added"])
+        stats[0].metric(f"Added {since}", counts["added"])
+        stats[1].metric(f"Removed {since}", counts["removed"])
+        with ui.guard(f"say whether step {step} has a circuit"):
+            circuit_status(step)
+        with ui.guard(f"show the trust check at step {step}"):
+            trust_status(step)
         st.selectbox("Node", nodes, key="circuit.node", on_change=_on_node_select, index=None,
                      placeholder="click a node in the graph, or pick one here")
         node_panel(step, st.session_state["circuit.node"])
+    with ui.guard(f"list the edges drawn at step {step}"):
+        rows = data.edge_table(path, stamp, step, mode, threshold, top_n)
+        with st.expander(f"Edges drawn at step {step} ({len(rows)}), strongest first: score +- se, share of resamples"):
+            st.dataframe(rows, hide_index=True, key="circuit.edges")
+    with ui.guard("draw the metric over training"):
+        series = data.curves(path, stamp)
+        if series:
+            fig = charts.lines_over_steps(steps, series, step, "Over training (this step marked)")
+            fig.update_layout(height=230)
+            st.plotly_chart(fig, key="circuit.curves")
 
 
 def circuit_status(step: int) -> None:
