@@ -64,6 +64,7 @@ class Parsed(NamedTuple):
     port: str
 
 
+@functools.lru_cache(maxsize=4096)
 def parse_node(name: str) -> Parsed:
     """Split a writer or reader-port name (format owned by ``circuits.graph``) for drawing."""
     node = graph.parse_node(name)
@@ -117,6 +118,29 @@ class Layout:
     def gutter_x(self) -> float:
         """Left edge of the strip where bundles run (no node lies right of it)."""
         return self.width - GUTTER
+
+    @functools.cached_property
+    def free(self) -> tuple[tuple[tuple[float, float], ...], ...]:
+        """Per row, the x intervals where a route may cross it (at least CLEAR from every box)."""
+        out = []
+        lo, hi = MARGIN_X / 2, self.gutter_x
+        for names in self.rows:
+            blocked = sorted((self.nodes[n].box[0] - CLEAR, self.nodes[n].box[2] + CLEAR) for n in names)
+            free: list[tuple[float, float]] = []
+            start = lo
+            for left, right in blocked:
+                if left > start:
+                    free.append((start, left))
+                start = max(start, right)
+            if start < hi:
+                free.append((start, hi))
+            out.append(tuple(free))
+        return tuple(out)
+
+    @functools.cached_property
+    def routes(self) -> dict[tuple[str, str, str], list[tuple[float, float]]]:
+        """Memo of ``route`` (the layout is fixed, so is every edge's path; to 0.1 px): filled as edges are drawn."""
+        return {}
 
 
 @functools.lru_cache(maxsize=32)
@@ -177,19 +201,8 @@ def layout(forward_names: list[str], backward_names: list[str], width: float = W
 
 def _free_x(graph_layout: Layout, row: int, wanted: float) -> float:
     """The x nearest ``wanted`` at which a route crosses ``row`` at least CLEAR from every box."""
-    blocked = sorted((n.box[0] - CLEAR, n.box[2] + CLEAR) for n in (graph_layout.nodes[m] for m in graph_layout.rows[row]))
-    lo, hi = MARGIN_X / 2, graph_layout.gutter_x
-    wanted = min(max(wanted, lo), hi)
-    free: list[tuple[float, float]] = []
-    start = lo
-    for left, right in blocked:
-        if left > start:
-            free.append((start, left))
-        start = max(start, right)
-    if start < hi:
-        free.append((start, hi))
     best, best_d = wanted, float("inf")
-    for left, right in free:
+    for left, right in graph_layout.free[row]:
         x = min(max(wanted, left), right)
         if abs(x - wanted) < best_d:
             best, best_d = x, abs(x - wanted)
@@ -200,6 +213,13 @@ def route(graph_layout: Layout, writer: str, reader: str, port: str = "") -> lis
     """The polyline of the edge ``writer -> reader<port>``: from the writer's top to the reader's
     entry point, crossing each row in between vertically through a gap (slanted only between
     rows, where there are no boxes)."""
+    key = (writer, reader, port)
+    if key not in graph_layout.routes:
+        graph_layout.routes[key] = [(round(x, 1), round(y, 1)) for x, y in _route(graph_layout, writer, reader, port)]
+    return graph_layout.routes[key]
+
+
+def _route(graph_layout: Layout, writer: str, reader: str, port: str) -> list[tuple[float, float]]:
     src, dst = graph_layout.nodes[writer], graph_layout.nodes[reader]
     start, end = src.exit, dst.entry(port)
     half = graph_layout.box_h / 2 + BAND
@@ -292,7 +312,12 @@ def strongest(scores: Float[np.ndarray, "n_forward n_backward"], among: Bool[np.
     n = int(min(max(n, 0), int((flat > 0).sum())))
     mask = np.zeros(flat.shape, dtype=bool)
     if n:
-        mask[np.argsort(-flat, kind="stable")[:n]] = True
+        # the n-th largest |score|, then every edge above it and the first ones (by position) equal to it
+        cut = -np.partition(-flat, n - 1)[n - 1]
+        above = np.flatnonzero(flat > cut)
+        ties = np.flatnonzero(flat == cut)[: n - above.size]
+        mask[above] = True
+        mask[ties] = True
     return mask.reshape(np.shape(scores))
 
 
@@ -404,7 +429,8 @@ def view(
     for status, mask, source, edge_stats in parts:
         rows, cols = np.nonzero(mask)
         for r, c in zip(rows.tolist(), cols.tolist(), strict=True):
-            value = float(np.nan_to_num(source[r, c]))
+            value = float(source[r, c])
+            value = value if np.isfinite(value) else 0.0
             writer, reader = forward_names[r], parse_node(backward_names[c])
             if status != "removed":
                 active.update((writer, reader.name))
@@ -422,7 +448,7 @@ def view(
                 "status": status,
                 "inclusion": inclusion,
                 "se": _at(None if edge_stats is None else edge_stats.score_se, r, c, 6),
-                "points": [[round(x, 1), round(y, 1)] for x, y in route(graph_layout, writer, reader.name, reader.port)],
+                "points": route(graph_layout, writer, reader.name, reader.port),
             })
     badges = roles or {}
     nodes = [

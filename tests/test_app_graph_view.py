@@ -94,7 +94,7 @@ def test_edges_into_a_head_end_at_its_q_k_or_v_port():
     assert left < ends["q"][0] < ends["k"][0] < ends["v"][0] < right  # q left, k middle, v right
     node = next(n for n in out["nodes"] if n["id"] == "a1.h1")
     assert [p[0] for p in node["ports"]] == ["q", "k", "v"]
-    assert [[round(x, 1), round(y, 1)] for _, x, y in node["ports"]] == [ends[p] for p in "qkv"]  # marks where edges end
+    assert [(round(x, 1), round(y, 1)) for _, x, y in node["ports"]] == [tuple(ends[p]) for p in "qkv"]  # marks where edges end
 
 
 @pytest.mark.parametrize("spec", [GraphSpec(3, 3, has_mlp=True), GraphSpec(2, 4, has_mlp=False),
@@ -108,7 +108,8 @@ def test_no_edge_segment_passes_through_a_node_box(spec):
     for i, j in pairs:
         writer, reader = forward[i], gv.parse_node(backward[j])
         points = gv.route(lay, writer, reader.name, reader.port)
-        assert points[0] == lay.nodes[writer].exit and points[-1] == lay.nodes[reader.name].entry(reader.port)
+        assert points[0] == pytest.approx(lay.nodes[writer].exit, abs=0.051)  # paths are kept to 0.1 px
+        assert points[-1] == pytest.approx(lay.nodes[reader.name].entry(reader.port), abs=0.051)
         for node in lay.nodes.values():
             if node.name in (writer, reader.name):
                 continue

@@ -313,7 +313,7 @@ def browser_measure(study: Path, n_switches: int = 12, n_opens: int = 3, node: s
                 name = f"a{layer}.h{(head + k) % 4}"
                 # the watch starts before the click (a promise kept in the page), so it cannot miss the panel
                 page.evaluate(f"(t) => {{ window.__benchPanel = ({_PANEL})(t); }}", f"{name} at step {steps[n_switches]}")
-                page.locator(f"[data-testid='circuit-graph'] [data-node='{name}']").click()
+                page.locator(f"[data-testid='circuit-graph'] [data-node='{name}'] .shape").click()
                 shown = page.evaluate("() => window.__benchPanel")
                 clicks.append(shown - page.evaluate("() => window.__benchClock.click"))
                 _settle(page)
