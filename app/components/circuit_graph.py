@@ -5,7 +5,8 @@ v entry points marked, role badges), edges as routed polylines (the JS rounds th
 less than ``graph_view.CLEAR``, so a rounded edge still clears every box), bundles of the edges
 not drawn one by one. The SVG fills the width of its column and the height of the layout, so
 the whole graph is on screen (it also shrinks to the room left below its top on the page). Clicking a node highlights its edges at once (the others dim) and
-sends its name back as the ``node`` trigger.
+sends its name back as the ``node`` trigger. The nodes are drawn once and kept while the
+layout stays the same: a step switch redraws only the edges, bundles and legend.
 
 Every string from the study reaches the page through ``textContent``/``setAttribute``, never
 ``innerHTML``, so names show as text. Nothing is fetched at run time: the JS below is the whole
@@ -101,19 +102,8 @@ function highlight(svg, node) {
   for (const b of svg.querySelectorAll('.cg-bundle')) b.classList.toggle('cg-dim', Boolean(node));
 }
 
-export default function(component) {
-  const { data, setTriggerValue, parentElement } = component;
-  let root = parentElement.querySelector('.cg-root');
-  if (!root) {
-    root = document.createElement('div');
-    root.className = 'cg-root';
-    parentElement.appendChild(root);
-  }
-  while (root.firstChild) root.removeChild(root.firstChild);
-  if (!data || !data.nodes) return;
-
-  const legend = document.createElement('div');
-  legend.className = 'cg-legend';
+function drawLegend(legend, data) {
+  legend.replaceChildren();
   legendItem(legend, COLOURS.needed, 'solid', 'needed (score < 0: the task needs the edge)');
   legendItem(legend, COLOURS.opposing, 'solid', 'opposing (score > 0: works against the task)');
   legendItem(legend, COLOURS.added, 'solid', 'halo: added since the previous step (' + data.counts.added + ')');
@@ -129,59 +119,52 @@ export default function(component) {
     note.textContent = data.note;
     legend.appendChild(note);
   }
-  const svg = el('svg', { viewBox: '0 0 ' + data.width + ' ' + data.height, preserveAspectRatio: 'xMidYMid meet',
-                          'data-testid': 'circuit-graph', 'data-step': data.step, 'data-edges': data.edges.length,
-                          'data-added': data.counts.added, 'data-removed': data.counts.removed,
-                          'data-bundles': (data.bundles || []).length });
-  svg.style.height = data.height + 'px';
-  svg.style.maxWidth = data.width + 'px';
-  const defs = el('defs', {}, svg);
-  for (const [name, colour] of Object.entries(COLOURS)) {
-    const marker = el('marker', { id: 'cg-arrow-' + name, viewBox: '0 0 10 10', refX: 9, refY: 5,
-                                  markerWidth: 7, markerHeight: 7, markerUnits: 'userSpaceOnUse',
-                                  orient: 'auto-start-reverse', class: 'cg-arrow' }, defs);
-    el('path', { d: 'M0,0 L10,5 L0,10 z', fill: colour }, marker);
-  }
+}
 
-  const bundleLayer = el('g', { class: 'cg-bundles' }, svg);
+function drawBundles(layer, data) {
+  layer.replaceChildren();
   for (const b of data.bundles || []) {
     const [p0, p1, p2, p3] = b.points;
     const path = el('path', { d: 'M' + p0 + ' C' + p1 + ' ' + p2 + ' ' + p3, class: 'cg-bundle',
                               stroke: COLOURS.bundle, 'stroke-width': b.width, 'data-bundle': b.id,
-                              'marker-end': 'url(#cg-arrow-bundle)' }, bundleLayer);
+                              'marker-end': 'url(#cg-arrow-bundle)' }, layer);
     tip(path, b.src + ' \u2192 ' + b.dst + ': ' + b.count + ' edges, summed |score| ' + b.sum);
   }
+}
 
-  const edgeLayer = el('g', { class: 'cg-edges' }, svg);
+function drawEdges(layer, data) {
+  layer.replaceChildren();
   const order = { removed: 0, kept: 1, added: 2 };  // removed underneath, added on top
   const edges = data.edges.slice().sort((a, b) => order[a.status] - order[b.status]);
   for (const e of edges) {
     const d = roundedPath(e.points);
     const common = { 'data-src': e.src, 'data-dst': e.dst };
     if (e.status === 'added') {
-      el('path', { d: d, class: 'cg-halo', stroke: COLOURS.added, 'stroke-width': e.width + 5, ...common }, edgeLayer);
+      el('path', { d: d, class: 'cg-halo', stroke: COLOURS.added, 'stroke-width': e.width + 5, ...common }, layer);
     }
     const kind = e.status === 'removed' ? 'removed' : (e.score < 0 ? 'needed' : 'opposing');
     const path = el('path', { d: d, class: 'cg-edge', stroke: e.status === 'removed' ? COLOURS.removed : e.color,
                               'stroke-width': e.width, 'stroke-opacity': e.opacity, 'data-status': e.status,
                               'data-edge': e.id, 'data-port': e.port, 'marker-end': 'url(#cg-arrow-' + kind + ')',
-                              ...common }, edgeLayer);
+                              ...common }, layer);
     if (e.inclusion !== null && e.inclusion !== undefined) path.setAttribute('data-inclusion', String(e.inclusion));
     let text = e.id + '  score ' + e.score;
     if (e.se !== null && e.se !== undefined) text += ' \u00b1 ' + e.se;
     if (e.inclusion !== null && e.inclusion !== undefined) text += ', in ' + Math.round(e.inclusion * 100) + '% of resamples';
     tip(path, text + '  (' + kind + ', ' + e.status + ')');
   }
+}
 
+function drawNodes(layer, data, state) {
+  const byId = {};
   for (const n of data.nodes) {
-    const g = el('g', { class: 'cg-node ' + n.kind + (n.active ? ' active' : ''), 'data-node': n.id,
-                        role: 'button', 'aria-label': n.id }, svg);
+    const g = el('g', { class: 'cg-node ' + n.kind, 'data-node': n.id, role: 'button', 'aria-label': n.id }, layer);
+    byId[n.id] = g;
     el('rect', { class: 'shape', x: n.x - n.w / 2, y: n.y - n.h / 2, width: n.w, height: n.h,
                  rx: n.kind === 'head' ? n.h / 2.5 : 4 }, g);
     const font = Math.max(7, Math.min(11, n.h * 0.5));
     const roomy = n.h >= 18 && n.ports.length;
-    const text = el('text', { x: n.x, y: roomy ? n.y - n.h * 0.18 : n.y, 'font-size': font }, g);
-    text.textContent = n.label;
+    el('text', { x: n.x, y: roomy ? n.y - n.h * 0.18 : n.y, 'font-size': font }, g).textContent = n.label;
     for (const [port, px, py] of n.ports) {
       const mark = el('circle', { class: 'cg-port', cx: px, cy: py, r: Math.max(1.8, n.h / 9), 'data-port': port }, g);
       tip(mark, n.id + ' ' + port + ' input');
@@ -201,19 +184,72 @@ export default function(component) {
     }
     tip(g, n.id);
     g.addEventListener('click', () => {
-      highlight(svg, n.id);  // at once, before the server answers
-      setTriggerValue('node', n.id);
+      highlight(state.svg, n.id);  // at once, before the server answers
+      state.setTriggerValue('node', n.id);
     });
   }
+  return byId;
+}
+
+// The nodes stay in place across steps: a new step redraws edges, bundles and the legend only,
+// unless the layout itself (size, nodes, badges) changed.
+function signature(data) {
+  return data.width + 'x' + data.height + ' ' + data.nodes.map(n => n.id + ':' + n.roles.map(r => r[0]).join(',')).join(' ');
+}
+
+function build(root, data) {
+  root.replaceChildren();
+  const svg = el('svg', { viewBox: '0 0 ' + data.width + ' ' + data.height, preserveAspectRatio: 'xMidYMid meet',
+                          'data-testid': 'circuit-graph' });
+  svg.style.height = data.height + 'px';
+  svg.style.maxWidth = data.width + 'px';
+  const defs = el('defs', {}, svg);
+  for (const [name, colour] of Object.entries(COLOURS)) {
+    const marker = el('marker', { id: 'cg-arrow-' + name, viewBox: '0 0 10 10', refX: 9, refY: 5,
+                                  markerWidth: 7, markerHeight: 7, markerUnits: 'userSpaceOnUse',
+                                  orient: 'auto-start-reverse', class: 'cg-arrow' }, defs);
+    el('path', { d: 'M0,0 L10,5 L0,10 z', fill: colour }, marker);
+  }
+  const state = { svg: svg, sig: signature(data), bundles: el('g', { class: 'cg-bundles' }, svg),
+                  edges: el('g', { class: 'cg-edges' }, svg), legend: document.createElement('div') };
+  state.nodes = drawNodes(el('g', { class: 'cg-nodes' }, svg), data, state);
+  state.legend.className = 'cg-legend';
+  drawLegend(state.legend, data);
   root.appendChild(svg);
-  root.appendChild(legend);
+  root.appendChild(state.legend);
   // Fit the screen: the drawing shrinks (viewBox keeps its proportions) to the room left below
   // its top on the page as opened, the legend included, but not under MIN_HEIGHT.
   const top = svg.getBoundingClientRect().top + window.scrollY;
-  const room = window.innerHeight - top - legend.getBoundingClientRect().height - 12;
+  const room = window.innerHeight - top - state.legend.getBoundingClientRect().height - 12;
   svg.style.height = Math.max(MIN_HEIGHT, Math.min(data.height, room)) + 'px';
+  return state;
+}
+
+export default function(component) {
+  const { data, setTriggerValue, parentElement } = component;
+  const began = performance.now();
+  let root = parentElement.querySelector('.cg-root');
+  if (!root) {
+    root = document.createElement('div');
+    root.className = 'cg-root';
+    parentElement.appendChild(root);
+  }
+  if (!data || !data.nodes) { root.replaceChildren(); root.__cg = null; return; }
+  let state = root.__cg;
+  const fresh = !state || state.sig !== signature(data);
+  if (fresh) state = root.__cg = build(root, data);
+  state.setTriggerValue = setTriggerValue;
+  const svg = state.svg;
+  for (const [k, v] of [['step', data.step], ['edges', data.edges.length], ['added', data.counts.added],
+                        ['removed', data.counts.removed], ['bundles', (data.bundles || []).length]]) {
+    svg.setAttribute('data-' + k, String(v));
+  }
+  drawBundles(state.bundles, data);
+  drawEdges(state.edges, data);
+  for (const n of data.nodes) state.nodes[n.id].classList.toggle('active', Boolean(n.active));
+  if (!fresh) drawLegend(state.legend, data);
   highlight(svg, data.selected || null);
-  performance.mark('circuits-graph', { detail: { step: data.step } });
+  performance.mark('circuits-graph', { detail: { step: data.step, began: began } });
 }
 """
 

@@ -22,7 +22,8 @@ latency is not counted:
   ``performance.mark('circuits-graph')``), first on a fresh server (cold) and on reloads;
 - ``step_switch_ms``: the slider's ArrowRight keydown to the graph drawn at the next step,
   median and range over ``n_switches`` switches;
-- ``node_click_ms``: a click on a head in the graph to its attention pattern shown in the panel.
+- ``node_click_ms``: a click on a head in the graph to its attention pattern shown in the panel;
+- ``graph_drawing_ms``: of a step switch, the time the component's JS itself takes to draw.
 
 Goals (issue 16): in the browser, step switch <= 200 ms median and page open <= 3 s on the demo
 study, step switch <= 400 ms on the 160m-sized one; server side (issue 6) step switch <= 200 ms,
@@ -216,6 +217,10 @@ _DRAWN = """([step, since]) => new Promise(resolve => {
   const obs = new PerformanceObserver(() => { const m = hit(); if (m) { obs.disconnect(); resolve(m.startTime); } });
   obs.observe({ type: 'mark' });
 })"""
+# How long the component's own drawing of ``step`` (after ``since``) took, in ms.
+_DRAWING_MS = """([step, since]) => { const m = performance.getEntriesByName('circuits-graph')
+  .find(m => m.startTime > since && m.detail && String(m.detail.step) === String(step));
+  return m ? m.startTime - m.detail.began : null; }"""
 # Remembers when the last key went down or the last click happened, inside the page.
 _INPUT_CLOCK = """() => { if (window.__benchClock) return;
   window.__benchClock = { key: 0, click: 0 };
@@ -299,13 +304,14 @@ def browser_measure(study: Path, n_switches: int = 12, n_opens: int = 3, node: s
                 _settle(page)
             page.evaluate(_INPUT_CLOCK)
             thumb = page.locator("[data-testid='stSlider'] input[type='range']").first
-            switches = []
+            switches, drawing = [], []
             for i in range(1, n_switches + 1):
                 thumb.focus()
                 page.keyboard.press("ArrowRight")
                 key_at = page.evaluate("() => window.__benchClock.key")
                 drawn = page.evaluate(_DRAWN, [steps[i], key_at])
                 switches.append(drawn - key_at)
+                drawing.append(page.evaluate(_DRAWING_MS, [steps[i], key_at]))
                 _settle(page)
             clicks = []
             layer, head = (int(x) for x in node[1:].split(".h"))
@@ -331,6 +337,7 @@ def browser_measure(study: Path, n_switches: int = 12, n_opens: int = 3, node: s
         "step_switch_ms_median": round(statistics.median(switches), 1),
         "step_switch_ms_min": round(min(switches), 1), "step_switch_ms_max": round(max(switches), 1),
         "n_switches": len(switches),
+        "graph_drawing_ms_median": round(statistics.median(drawing), 1),  # the component's JS alone
         "node_click_ms_median": round(statistics.median(clicks), 1),
         "node_click_ms_max": round(max(clicks), 1),
     }
