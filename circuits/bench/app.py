@@ -61,7 +61,7 @@ SHAPES = {
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-VIEWPORT = {"width": 1400, "height": 900}
+VIEWPORT_SIZE = (1400, 900)
 
 
 def synthetic_study(out: Path, n_edges: int = 1000, n_examples: int = 4, seq_len: int = 24, seed: int = 0,
@@ -296,7 +296,7 @@ def browser_measure(study: Path, n_switches: int = 12, n_opens: int = 3, node: s
     try:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-            page = browser.new_page(viewport=VIEWPORT)
+            page = browser.new_page(viewport={"width": VIEWPORT_SIZE[0], "height": VIEWPORT_SIZE[1]})
             opens = []
             for _ in range(n_opens):
                 page.goto(f"{base}/circuit?step={steps[0]}")
