@@ -323,15 +323,16 @@ def browser_measure(study: Path, n_switches: int = 12, n_opens: int = 3, node: s
                 shown = page.evaluate("() => window.__benchPanel")
                 clicks.append(shown - page.evaluate("() => window.__benchClock.click"))
                 _settle(page)
-            edges = page.locator("[data-testid='circuit-graph']").first.get_attribute("data-edges")
-            bundles = page.locator("[data-testid='circuit-graph']").first.get_attribute("data-bundles")
+            # at the last step shown: the step's edges drawn one by one (not those removed since the one before)
+            edges = page.locator("[data-testid='circuit-graph'] .cg-edge:not([data-status='removed'])").count()
+            bundles = page.locator("[data-testid='circuit-graph'] .cg-bundle").count()
             browser.close()
     finally:
         proc.terminate()
         proc.wait(30)
     return {
         "n_steps": len(steps),
-        "edges_drawn": int(edges or 0), "bundles_drawn": int(bundles or 0),
+        "edges_drawn": edges, "bundles_drawn": bundles,
         "page_open_s_cold": round(opens[0], 3),
         "page_open_s_median": round(statistics.median(opens[1:] or opens), 3),
         "step_switch_ms_median": round(statistics.median(switches), 1),
