@@ -424,6 +424,8 @@ def view(
     parts = (("kept", kept, scores, stats), ("added", added, scores, stats), ("removed", removed, before, previous_stats))
     largest = max((float(_magnitude(source[mask]).max()) for _, mask, source, _ in parts if mask.any()), default=0.0)
     largest = largest or 1.0
+    # the widest edge is a third of a box's height (5.25 px at most): thin lines where rows are tight
+    widest = float(np.clip(graph_layout.box_h / 3, 1.5, 5.25))
     active: set[str] = set()
     out_edges = []
     for status, mask, source, edge_stats in parts:
@@ -442,7 +444,7 @@ def view(
                 "dst": reader.name,
                 "port": reader.port,
                 "score": round(value, 6),
-                "width": round(0.75 + 5.25 * abs(value) / largest, 2),
+                "width": round(0.6 + widest * abs(value) / largest, 2),
                 "color": NEEDED if value < 0 else OPPOSING,
                 "opacity": round(opacity, 3),
                 "status": status,

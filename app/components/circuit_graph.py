@@ -31,6 +31,7 @@ CSS = """
 .cg-bundle { fill: none; stroke-dasharray: 2 3; opacity: 0.75; }
 .cg-dim { opacity: 0.08 !important; }
 .cg-hl { opacity: 1 !important; }
+.cg-halo.cg-hl { opacity: 0.5 !important; }
 .cg-node { cursor: pointer; }
 .cg-node .shape { fill: #f4f4f4; stroke: #888; stroke-width: 1; }
 .cg-node.active .shape { fill: #fff6d5; stroke: #333; stroke-width: 1.6; }
@@ -140,7 +141,7 @@ function drawEdges(layer, data) {
     const d = roundedPath(e.points);
     const common = { 'data-src': e.src, 'data-dst': e.dst };
     if (e.status === 'added') {
-      el('path', { d: d, class: 'cg-halo', stroke: COLOURS.added, 'stroke-width': e.width + 5, ...common }, layer);
+      el('path', { d: d, class: 'cg-halo', stroke: COLOURS.added, 'stroke-width': e.width * 1.5 + 3, ...common }, layer);
     }
     const kind = e.status === 'removed' ? 'removed' : (e.score < 0 ? 'needed' : 'opposing');
     const path = el('path', { d: d, class: 'cg-edge', stroke: e.status === 'removed' ? COLOURS.removed : e.color,
