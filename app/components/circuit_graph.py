@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import streamlit as st
 
-from app.graph_view import ADDED, BUNDLE, CLEAR, NEEDED, OPPOSING, REMOVED
+from ..graph_view import ADDED, BUNDLE, CLEAR, NEEDED, OPPOSING, REMOVED
 
 CSS = """
 .cg-root { width: 100%; font-family: var(--st-font, sans-serif); }
