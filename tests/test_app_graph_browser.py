@@ -39,7 +39,7 @@ def graph_page(app_study):  # noqa: F811
         errors: list[str] = []
         page.on("pageerror", lambda exc: errors.append(str(exc)))
         page.goto(f"{base}/circuit?step={last}&mode=full")
-        page.wait_for_selector(f"{GRAPH} .cg-edge", timeout=60_000)
+        page.wait_for_selector(f"{GRAPH} .cg-edge", state="attached", timeout=60_000)  # a vertical path has no width
         settle(page)
         no_traceback(page)
         yield page
