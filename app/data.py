@@ -179,13 +179,20 @@ def _bundled_rest(stack: CircuitStack, i: int, mode: str, drawn: np.ndarray) -> 
     return np.isfinite(stack.scores[i]) & (stack.scores[i] != 0) & ~drawn
 
 
-# cache_resource: the dict is shared, never copied per rerun (no caller mutates it; the page
-# adds the selected node to a shallow copy). One entry per step and selection, built once.
-@st.cache_resource(max_entries=2048, show_spinner=False)
 def graph_json(path: str, stamp_: float, step: int, mode: str, threshold: float, top_n: int,
-               width: float = gv.WIDTH, height: float = gv.HEIGHT) -> dict:
+               selected: str | None = None, width: float = gv.WIDTH, height: float = gv.HEIGHT) -> dict:
     """What the graph component draws at ``step``, diffed against the previous step, in a
-    ``width`` x ``height`` drawing area, with the detector roles as badges."""
+    ``width`` x ``height`` drawing area, with the detector roles as badges and ``selected``
+    highlighted (a shallow copy of the cached view: selecting a node recomputes nothing)."""
+    return {**_graph_view(path, stamp_, step, mode, threshold, top_n, float(width), float(height)),
+            "selected": selected}
+
+
+# cache_resource: the dict is shared, never copied per rerun (no caller mutates it; graph_json
+# adds the selected node to a shallow copy). One entry per step, selection and size, built once.
+@st.cache_resource(max_entries=1024, show_spinner=False)
+def _graph_view(path: str, stamp_: float, step: int, mode: str, threshold: float, top_n: int,
+                width: float, height: float) -> dict:
     stack = circuit_stack(path, stamp_)
     i = stack.steps.index(step)
     current = selection_at(stack, i, mode, threshold, top_n)
@@ -193,7 +200,7 @@ def graph_json(path: str, stamp_: float, step: int, mode: str, threshold: float,
     if i > 0:
         previous = selection_at(stack, i - 1, mode, threshold, top_n)
         prev_scores, prev_stats = stack.scores[i - 1], stack.stats(i - 1)
-    graph_layout = gv.cached_layout(stack.forward_names, stack.backward_names, float(width), float(height))
+    graph_layout = gv.cached_layout(stack.forward_names, stack.backward_names, width, height)
     out = gv.view(graph_layout, list(stack.forward_names), list(stack.backward_names),
                   stack.scores[i], current, previous, prev_scores, None, stack.stats(i), prev_stats,
                   rest=_bundled_rest(stack, i, mode, current), roles=role_map(path, stamp_),

@@ -138,8 +138,7 @@ def graph_panel() -> None:
                   help="Next step")
     step = int(st.session_state["circuit.step"])
     selected = st.session_state["circuit.node"]
-    view = {**data.graph_json(path, stamp, step, mode, threshold, top_n, GRAPH_WIDTH, GRAPH_HEIGHT),
-            "selected": selected}  # a shallow copy: the cached view is shared
+    view = data.graph_json(path, stamp, step, mode, threshold, top_n, selected, GRAPH_WIDTH, GRAPH_HEIGHT)
     counts = view["counts"]
     since = f"since step {view['previous_step']}" if view["previous_step"] is not None else "(first step)"
     # The graph beside the step's numbers and the node panel, right under the slider: the whole
