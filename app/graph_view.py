@@ -452,23 +452,27 @@ def view(
                 "se": _at(None if edge_stats is None else edge_stats.score_se, r, c, 6),
                 "points": route(graph_layout, writer, reader.name, reader.port),
             })
-    badges = roles or {}
-    nodes = [
-        {
-            "id": n.name, "kind": n.kind, "x": n.x, "y": n.y, "w": n.w, "h": n.h,
-            "label": label(n.name),
-            "ports": [[p, *n.entry(p)] for p in PORTS] if n.kind == "head" else [],
-            "roles": [[role_badge(kind), kind.replace("_", " ")] for kind in badges.get(n.name, [])],
-            "active": n.name in active,
-            "selected": n.name == selected,
-        }
-        for n in graph_layout.nodes.values()
-    ]
+    nodes = _node_json(graph_layout, active, roles or {}, selected)
     bundle_list = bundles(graph_layout, forward_names, backward_names, scores, bundled) if capped else []
     return {"width": graph_layout.width, "height": graph_layout.height, "nodes": nodes, "edges": out_edges,
             "bundles": bundle_list, "counts": counts, "selected": selected,
             "note": bundle_note(int(drawn.sum()), bundle_list) if capped else None,
             "opacity_note": "opacity: share of bootstrap resamples holding the edge" if opacity_by_inclusion else None}
+
+
+def _node_json(graph_layout: Layout, active: set[str], roles: dict[str, list[str]], selected: str | None) -> list[dict]:
+    """Every node's box, its q/k/v entry points (heads), role badges, and whether an edge touches it."""
+    return [
+        {
+            "id": n.name, "kind": n.kind, "x": n.x, "y": n.y, "w": n.w, "h": n.h,
+            "label": label(n.name),
+            "ports": [[p, *n.entry(p)] for p in PORTS] if n.kind == "head" else [],
+            "roles": [[role_badge(kind), kind.replace("_", " ")] for kind in roles.get(n.name, [])],
+            "active": n.name in active,
+            "selected": n.name == selected,
+        }
+        for n in graph_layout.nodes.values()
+    ]
 
 
 def bundle_note(n_drawn: int, bundle_list: list[dict]) -> str | None:
