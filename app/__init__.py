@@ -5,7 +5,7 @@
 - ``views/``: Overview, Circuit, Heads, Compare.
 - ``state.py``: the one settings dataclass, parsed from and written to the URL.
 - ``data.py``: cached reads of the study, through the library's API only (no h5py here).
-- ``graph_view.py``: pure layout and edge data of the circuit graph (no Streamlit; unit-tested).
+- ``graph_view.py``: pure layout, routing, key edges and bundles of the circuit graph (no Streamlit; unit-tested).
 - ``components/``: the SVG graph as an ``st.components.v2`` component (inline JS).
 - ``charts.py``: the app's own plotly figures; study-level figures come from ``circuits.figures``.
 - ``ui.py``: shared page helpers (errors as messages, text escaping).

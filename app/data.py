@@ -172,10 +172,27 @@ def selection_at(stack: CircuitStack, i: int, mode: str, threshold: float, top_n
     return gv.select_edges(stack.scores[i], stack.stored(mode)[i], mode, threshold, top_n)
 
 
-@st.cache_data(max_entries=512, show_spinner=False)
+def _bundled_rest(stack: CircuitStack, i: int, mode: str, drawn: np.ndarray) -> np.ndarray | None:
+    """Key-edges view: every other scored edge, to be bundled by layer pair; None otherwise."""
+    if mode != "key":
+        return None
+    return np.isfinite(stack.scores[i]) & (stack.scores[i] != 0) & ~drawn
+
+
 def graph_json(path: str, stamp_: float, step: int, mode: str, threshold: float, top_n: int,
-               selected: str | None) -> dict:
-    """What the graph component draws at ``step``, diffed against the previous step."""
+               selected: str | None = None, width: float = gv.WIDTH, height: float = gv.HEIGHT) -> dict:
+    """What the graph component draws at ``step``, diffed against the previous step, in a
+    ``width`` x ``height`` drawing area, with the detector roles as badges and ``selected``
+    highlighted (a shallow copy of the cached view: selecting a node recomputes nothing)."""
+    return {**_graph_view(path, stamp_, step, mode, threshold, top_n, float(width), float(height)),
+            "selected": selected}
+
+
+# cache_resource: the dict is shared, never copied per rerun (no caller mutates it; graph_json
+# adds the selected node to a shallow copy). One entry per step, selection and size, built once.
+@st.cache_resource(max_entries=1024, show_spinner=False)
+def _graph_view(path: str, stamp_: float, step: int, mode: str, threshold: float, top_n: int,
+                width: float, height: float) -> dict:
     stack = circuit_stack(path, stamp_)
     i = stack.steps.index(step)
     current = selection_at(stack, i, mode, threshold, top_n)
@@ -183,10 +200,21 @@ def graph_json(path: str, stamp_: float, step: int, mode: str, threshold: float,
     if i > 0:
         previous = selection_at(stack, i - 1, mode, threshold, top_n)
         prev_scores, prev_stats = stack.scores[i - 1], stack.stats(i - 1)
-    out = gv.view(stack.layout, list(stack.forward_names), list(stack.backward_names),
-                  stack.scores[i], current, previous, prev_scores, selected, stack.stats(i), prev_stats)
+    graph_layout = gv.cached_layout(stack.forward_names, stack.backward_names, width, height)
+    out = gv.view(graph_layout, list(stack.forward_names), list(stack.backward_names),
+                  stack.scores[i], current, previous, prev_scores, None, stack.stats(i), prev_stats,
+                  rest=_bundled_rest(stack, i, mode, current), roles=role_map(path, stamp_),
+                  opacity_by_inclusion=mode == "circuit" and stack.inclusion is not None)
     out["step"] = step
     out["previous_step"] = stack.steps[i - 1] if i > 0 else None
+    return out
+
+
+def role_map(path: str, stamp_: float) -> dict[str, list[str]]:
+    """Head -> the detector roles the library finds material for it (the graph's badges)."""
+    out: dict[str, list[str]] = {}
+    for role in roles(path, stamp_):
+        out.setdefault(role.head, []).append(role.kind)
     return out
 
 
@@ -288,8 +316,26 @@ def edge_table(path: str, stamp_: float, step: int, mode: str, threshold: float,
     """The edges drawn at ``step`` with their score +- se, inclusion, and which stored circuit holds them."""
     stack = circuit_stack(path, stamp_)
     i = stack.steps.index(step)
+    return gv.edge_rows(list(stack.forward_names), list(stack.backward_names), stack.scores[i],
+                        selection_at(stack, i, mode, threshold, top_n), stack.stats(i), _circuits_at(stack, i))
+
+
+def _circuits_at(stack: CircuitStack, i: int) -> dict[str, np.ndarray]:
     circuits = {"full-data circuit": stack.in_circuit[i]}
     if stack.stable is not None:
         circuits = {"stable circuit": stack.circuit[i]} | circuits
-    return gv.edge_rows(list(stack.forward_names), list(stack.backward_names), stack.scores[i],
-                        selection_at(stack, i, mode, threshold, top_n), stack.stats(i), circuits)
+    return circuits
+
+
+@st.cache_data(max_entries=256, show_spinner=False)
+def node_edges(path: str, stamp_: float, step: int, mode: str, threshold: float, top_n: int, node: str) -> list[dict]:
+    """The edges into and out of ``node`` at ``step``, strongest first: those of the selection,
+    or in the key-edges view all of the node's scored edges (most of them are in bundles)."""
+    stack = circuit_stack(path, stamp_)
+    i = stack.steps.index(step)
+    forward, backward = list(stack.forward_names), list(stack.backward_names)
+    chosen = selection_at(stack, i, mode, threshold, top_n)
+    if mode == "key":
+        chosen = chosen | _bundled_rest(stack, i, mode, chosen)
+    return gv.edge_rows(forward, backward, stack.scores[i], chosen & gv.touching(forward, backward, node),
+                        stack.stats(i), _circuits_at(stack, i))

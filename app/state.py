@@ -28,10 +28,10 @@ from circuits.errors import CircuitsError
 
 from .graph_view import parse_node
 
-MODES = ("circuit", "full", "threshold", "top-n")  # circuit: the stable circuit; full: the full-data one
+MODES = ("circuit", "full", "threshold", "top-n", "key")  # circuit: the stable circuit; full: the full-data one
 SPEEDS = (0.5, 1.0, 2.0)  # play: seconds per step
 MODE_LABELS = {"circuit": "stable circuit", "full": "full-data circuit", "threshold": "|score| >= threshold",
-               "top-n": "top n by |score|"}
+               "top-n": "top n by |score|", "key": "key edges"}
 # The launcher sets this when the server listens beyond loopback: the URL may then not
 # point the app at another folder on this machine.
 LOCK_ENV = "CIRCUITS_APP_LOCK_STUDY"

@@ -150,6 +150,8 @@ def bench(
     step: Annotated[int | None, typer.Option(help="extract: step of --manifest (default: its last)")] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
     run: Annotated[str | None, typer.Option(help="scaling, formation: sweep this trained induction run instead of training one")] = None,
+    study: Annotated[str | None, typer.Option(help="app: measure in the browser on this study (e.g. the demo's) "
+                                                   "instead of a synthetic one of the demo's shape")] = None,
     size: Annotated[str | None, typer.Option(help="pythia: the shape, 160m (default), 410m or 1b")] = None,
     train_steps: Annotated[int | None, typer.Option(help="pythia: training steps of the cached checkpoint")] = None,
     eap_ig_python: Annotated[str | None, typer.Option(help="pythia: a Python with TransformerLens 2.x and the EAP-IG "
@@ -172,6 +174,10 @@ def bench(
         if name not in ("scaling", "formation", "all"):
             raise CircuitsError(f"--run applies to the scaling and formation benchmarks, not to {name!r}")
         options |= {"run": run}
+    if study is not None:
+        if name not in ("app", "all"):
+            raise CircuitsError(f"--study applies to the app benchmark, not to {name!r}")
+        options |= {"study": study}
     pythia = {"size": size, "train_steps": train_steps, "eap_ig_python": eap_ig_python, "max_memory": max_memory}
     if any(v is not None for v in pythia.values()):
         if name not in ("pythia", "all"):

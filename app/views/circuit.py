@@ -14,8 +14,10 @@ import streamlit as st
 
 from app import charts, data, formation, ui
 from app.components.circuit_graph import circuit_graph
-from app.graph_view import parse_node
+from app.graph_view import KEY_EDGES, parse_node
 from app.state import MODE_LABELS, MODES, SPEEDS, snap_int, snap_node, threshold_default
+
+GRAPH_WIDTH, GRAPH_HEIGHT = 760.0, 500.0  # the drawing area: fills the graph's column, fits a 900 px screen
 
 settings, study, stamp = ui.open_page("Circuit")
 path = settings.study
@@ -64,11 +66,13 @@ def _toggle_play() -> None:
         ui.update(step=steps[0])  # the URL leads the next run: it must say so too
 
 
-controls = st.columns([3, 2, 1, 1])
+controls = st.columns([5, 2, 1, 1])
 controls[0].radio("Edges", MODES, key="circuit.mode", horizontal=True, on_change=_sync_selection,
                   format_func=MODE_LABELS.get,
                   help="The stable circuit (edges in most bootstrap resamples, at steps that have a "
-                       "circuit), the circuit selected on all prompts, or a view of all edge scores")
+                       "circuit), the circuit selected on all prompts, a view of all edge scores, or the key "
+                       f"edges: the {KEY_EDGES} strongest drawn one by one, every other edge bundled by layer pair. "
+                       "Any selection too big to read is drawn that way too.")
 if st.session_state["circuit.mode"] == "threshold":
     largest = float(np.nanmax(np.abs(stack.scores))) if np.isfinite(stack.scores).any() else 0.0
     controls[1].number_input(f"Threshold on |score| (0 to {largest:.4g})", min_value=0.0, key="circuit.threshold",
@@ -133,35 +137,37 @@ def graph_panel() -> None:
                   help="Next step")
     step = int(st.session_state["circuit.step"])
     selected = st.session_state["circuit.node"]
-    view = data.graph_json(path, stamp, step, mode, threshold, top_n, selected)
+    view = data.graph_json(path, stamp, step, mode, threshold, top_n, selected, GRAPH_WIDTH, GRAPH_HEIGHT)
     counts = view["counts"]
     since = f"since step {view['previous_step']}" if view["previous_step"] is not None else "(first step)"
-    stats = st.columns(4)
-    stats[0].metric("Step", f"{step:,}")
-    stats[1].metric("Edges drawn", counts["kept"] + counts["added"])
-    stats[2].metric(f"Added {since}", counts["added"])
-    stats[3].metric(f"Removed {since}", counts["removed"])
-    with ui.guard(f"say whether step {step} has a circuit"):
-        circuit_status(step)
-    with ui.guard(f"show the trust check at step {step}"):
-        trust_status(step)
-    left, right = st.columns([3, 2])
+    # The graph beside the step's numbers and the node panel, right under the slider: the whole
+    # graph is on a 1400 x 900 screen (the component also shrinks it to the room left below it).
+    left, right = st.columns([7, 3])
     with left:
         circuit_graph(view, key="circuit.graph", on_node=_on_graph_click)
-        with ui.guard(f"list the edges drawn at step {step}"):
-            rows = data.edge_table(path, stamp, step, mode, threshold, top_n)
-            with st.expander(f"Edges drawn at step {step} ({len(rows)}): score +- se, share of resamples"):
-                st.dataframe(rows, hide_index=True, key="circuit.edges")
-        with ui.guard("draw the metric over training"):
-            series = data.curves(path, stamp)
-            if series:
-                fig = charts.lines_over_steps(steps, series, step, "Over training (this step marked)")
-                fig.update_layout(height=230)
-                st.plotly_chart(fig, key="circuit.curves")
     with right:
+        stats = st.columns(2)
+        stats[0].metric("Step", f"{step:,}")
+        stats[1].metric("Edges drawn", counts["kept"] + counts["added"])
+        stats[0].metric(f"Added {since}", counts["added"])
+        stats[1].metric(f"Removed {since}", counts["removed"])
+        with ui.guard(f"say whether step {step} has a circuit"):
+            circuit_status(step)
+        with ui.guard(f"show the trust check at step {step}"):
+            trust_status(step)
         st.selectbox("Node", nodes, key="circuit.node", on_change=_on_node_select, index=None,
                      placeholder="click a node in the graph, or pick one here")
         node_panel(step, st.session_state["circuit.node"])
+    with ui.guard(f"list the edges drawn at step {step}"):
+        rows = data.edge_table(path, stamp, step, mode, threshold, top_n)
+        with st.expander(f"Edges drawn at step {step} ({len(rows)}), strongest first: score +- se, share of resamples"):
+            st.dataframe(rows, hide_index=True, key="circuit.edges")
+    with ui.guard("draw the metric over training"):
+        series = data.curves(path, stamp)
+        if series:
+            fig = charts.lines_over_steps(steps, series, step, "Over training (this step marked)")
+            fig.update_layout(height=230)
+            st.plotly_chart(fig, key="circuit.curves")
 
 
 def circuit_status(step: int) -> None:
@@ -205,12 +211,11 @@ def node_panel(step: int, node: str | None) -> None:
         return
     parsed = parse_node(node)
     with ui.guard(f"list the edges of {node}"):
-        view = data.graph_json(path, stamp, step, mode, threshold, top_n, node)
-        touching = [e for e in view["edges"] if node in (e["src"], e["dst"]) and e["status"] != "removed"]
+        touching = data.node_edges(path, stamp, step, mode, threshold, top_n, node)
         if touching:
-            st.dataframe([{"edge": e["id"], "score": e["score"], "+- se": e["se"], "in resamples": e["inclusion"],
-                           "status": e["status"]} for e in touching],
-                         hide_index=True, height=min(35 * len(touching) + 40, 220), key="circuit.node_edges")
+            st.caption(f"{node}'s edges at step {step} ({len(touching)}), strongest first")
+            st.dataframe(touching, hide_index=True, height=min(35 * len(touching) + 40, 220),
+                         key="circuit.node_edges")
         else:
             st.caption("No drawn edge touches this node at this step.")
     if parsed.kind != "head":

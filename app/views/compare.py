@@ -71,7 +71,7 @@ with ui.guard(f"compare steps {a} and {b}"):
         circuit_graph(graph_view.view(stack.layout, forward, backward, stack.scores[ia], mask_a,
                                       stats=stack.stats(ia)) | {"step": a}, key="compare.graph_a")
     with right:
-        st.caption(f"Step {b}: added (green) and removed (dashed) relative to step {a}")
+        st.caption(f"Step {b}: added (green halo) and removed (dashed) relative to step {a}")
         circuit_graph(graph_view.view(stack.layout, forward, backward, stack.scores[ib], mask_b, mask_a,
                                       stack.scores[ia], stats=stack.stats(ib), previous_stats=stack.stats(ia))
                       | {"step": b}, key="compare.graph_b")

@@ -12,8 +12,6 @@ and graph together, and nothing else of the page.
 
 from __future__ import annotations
 
-import inspect
-
 import numpy as np
 import plotly.graph_objects as go
 import streamlit as st
@@ -23,7 +21,7 @@ from app.components.circuit_graph import circuit_graph
 from app.graph_view import parse_node
 from app.state import MODE_LABELS, SPEEDS, snap_int, snap_node, threshold_default
 
-GRAPH_HEIGHT = 560  # px the graph may take beside the timeline at 1400 x 900
+GRAPH_WIDTH, GRAPH_HEIGHT = 640.0, 560.0  # the drawing area beside the timeline at 1400 x 900
 
 # Streamlit's top padding (6rem) would push the graph's lower half below a 900 px screen.
 st.html("<style>[data-testid='stMainBlockContainer'] { padding-top: 3.2rem; padding-bottom: 1rem; }</style>")
@@ -118,9 +116,7 @@ def _rows() -> list[charts.Row]:
 
 
 def _draw_graph(view: dict) -> None:
-    # The graph component may take the height it must fit (the graph helper's option): given when offered.
-    options = {"height": GRAPH_HEIGHT} if "height" in inspect.signature(circuit_graph).parameters else {}
-    circuit_graph(view, key="formation.graph", on_node=_on_graph_click, **options)
+    circuit_graph(view, key="formation.graph", on_node=_on_graph_click)
 
 
 def step_controls() -> None:
@@ -175,7 +171,7 @@ def graph_panel(step: int) -> None:
                 "the graph at each step here.")
         return
     selected = st.session_state["formation.node"]
-    view = data.graph_json(path, stamp, step, mode, threshold, top_n, selected)
+    view = data.graph_json(path, stamp, step, mode, threshold, top_n, selected, GRAPH_WIDTH, GRAPH_HEIGHT)
     counts = view["counts"]
     since = f"since step {view['previous_step']}" if view["previous_step"] is not None else "(first step)"
     i = steps.index(step)

@@ -10,7 +10,7 @@ are not. Results go in ``docs/performance.md``.
 - ``common.py``: ``Benchmark``, ``figure``, ``machine``, ``quietly``, ``print_result``.
 - ``extract.py``: ``extract`` and ``extract-70m`` (the sweep's extraction vs a bare forward).
 - ``discover.py``: ``discover`` (EAP / EAP-IG against forward+backward and TL 4.3).
-- ``app.py``: ``app`` (the Streamlit app, server side, on a synthetic study).
+- ``app.py``: ``app`` (the Streamlit app in the browser and server side, on synthetic studies or ``--study``).
 - ``scaling.py``: ``scaling`` (steps and Ray workers).
 - ``formation.py``: ``formation`` (the formation account's cost on the sweep).
 - ``pythia.py``: ``pythia`` (one sweep step at Pythia's shapes, a trained checkpoint, EAP-IG(5)).
@@ -39,7 +39,7 @@ from circuits.errors import CircuitsError
 __all__ = ["BENCHMARKS", "Benchmark", "bench_all", "bench_extract", "bench_scaling", "figure", "machine",
            "print_result", "run_benchmark"]
 
-_OPTIONS_OF = {"extract": ("manifest", "step"), "scaling": ("run",), "formation": ("run",),
+_OPTIONS_OF = {"extract": ("manifest", "step"), "scaling": ("run",), "formation": ("run",), "app": ("study",),
               "pythia": ("size", "train_steps", "eap_ig_python", "max_memory")}
 
 
@@ -72,7 +72,8 @@ BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in [
               bench_extract_70m),
     Benchmark("discover", "EAP / EAP-IG scoring vs forward+backward, faithfulness, TL 4.3 attribution patching "
               "(CPU time)", discover_figures),
-    Benchmark("app", "app server side: open a 154-step study, switch step (AppTest, whole-page rerun)",
+    Benchmark("app", "app in chromium (page open, step switch, node click: demo-sized and Pythia-160m-sized "
+              "studies) and server side (open a 154-step study, switch step: AppTest, whole-page rerun)",
               app_figures),
     Benchmark("scaling", "sweep time and peak memory over 10 vs 40 steps (local); steps/s with 1 vs 2 Ray workers",
               bench_scaling),
