@@ -1,6 +1,7 @@
 """The formation story in a real browser (issue 16, Done when), with every request beyond the
 machine blocked: open the landing page (Formation), click the metric's phase window on the
-timeline, see the graph jump to that step with its K-composition edges (a0.h* -> a1.h*<k>),
+timeline, see the graph jump to that step with its K-composition edges (a0.h* -> a1.h*<k>) ending
+at the heads' marked k ports,
 select the induction head, see its attention pattern and role; Back returns to the step before,
 with the URL and the view agreeing. And Back/Forward on the Circuit page move the slider and
 graph, not only the URL.
@@ -79,6 +80,11 @@ def drawn_edges(pg) -> set[str]:
     return {e.get_attribute("data-edge") for e in pg.locator(f"{GRAPH} [data-edge]").all()} - {None}
 
 
+def drawn_ports(pg, edges: set[str]) -> set[str | None]:
+    """The port (q, k or v) each drawn edge of ``edges`` ends at, as the SVG marks it."""
+    return {pg.locator(f"{GRAPH} [data-edge='{name}']").first.get_attribute("data-port") for name in edges}
+
+
 def wait_graph_at(pg, step: int) -> None:
     pg.wait_for_function(
         "s => { const f = el => el && el.getAttribute('data-step') === s;"
@@ -148,7 +154,10 @@ def test_the_formation_story_from_the_timeline_to_the_induction_head_and_back(of
     assert url_step(pg) == phase.step == slider_step(pg)
     expected = k_composition_in_stable_circuit(path, phase.step)
     assert expected, f"the stable circuit at step {phase.step} has no K-composition edge"
-    assert expected <= drawn_edges(pg)  # q/k/v ports: the edges end at the heads' <k> inputs
+    assert expected <= drawn_edges(pg)
+    assert drawn_ports(pg, expected) == {"k"}  # each drawn K-composition edge ends at its head's k port...
+    for receiver in {name.split("->")[1].split("<")[0] for name in expected}:  # ...which is marked on the head
+        assert pg.locator(f"{GRAPH} [data-node='{receiver}'] .cg-port[data-port='k']").count() == 1
 
     pg.locator(f"{GRAPH} [data-node='{node}']").click()
     pg.wait_for_selector(f".gtitle:has-text('{node} at step {phase.step}')", timeout=30_000)
