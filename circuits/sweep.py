@@ -103,8 +103,9 @@ def _move_aside(damaged: dict[int, Path]) -> None:
 # ---------------------------------------------------------------- the sweep
 
 
-def builtin_analyses(method: str = "none") -> list[tuple[str, Analysis]]:
-    """Head detectors and progress measures at every step; the circuit when a method is chosen."""
+def builtin_analyses(method: str = "none", extra: Sequence[str] = ()) -> list[tuple[str, Analysis]]:
+    """Head detectors and progress measures at every step; the circuit when a method is chosen;
+    the ``extra`` ones named (``llc``: circuits.llc, off by default)."""
     from circuits.detectors import head_analysis
     from circuits.progress import progress_analysis
 
@@ -113,6 +114,10 @@ def builtin_analyses(method: str = "none") -> list[tuple[str, Analysis]]:
         from circuits.discovery.analysis import circuit_analysis
 
         chosen.append(("circuit", circuit_analysis))
+    if "llc" in extra:
+        from circuits.llc import llc_analysis
+
+        chosen.append(("llc", llc_analysis))
     return chosen
 
 
@@ -148,7 +153,12 @@ def sweep(
     config = (config or SweepConfig()).with_settings(**settings)
     manifest = manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
     selected = select_steps(config.steps, manifest.steps)
-    analyses = builtin_analyses(config.method) if analyses is None else analyses
+    if "llc" in config.extra_analyses:  # its settings checked now, and recorded whole in study.json
+        from circuits.llc import parse_settings
+
+        llc = parse_settings(config.options.get("llc")).to_dict()
+        config = config.with_settings(options={**config.options, "llc": llc})
+    analyses = builtin_analyses(config.method, config.extra_analyses) if analyses is None else analyses
     _check_analysis_names(analyses)
     task_name = task_name_of(task)
 
