@@ -131,12 +131,12 @@ def sweep(
 @app.command()
 def bench(
     name: Annotated[str, typer.Argument(help="Benchmark to run: extract, extract-70m, discover, app, scaling, "
-                                            "formation, pythia, or all (every one but pythia, side by side)")] = "all",
+                                            "formation, pythia, llc, or all (every one but pythia and llc, side by side)")] = "all",
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON only")] = False,
     manifest: Annotated[str | None, typer.Option(help="extract: benchmark this run's checkpoint instead of the built-in model")] = None,
     step: Annotated[int | None, typer.Option(help="extract: step of --manifest (default: its last)")] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
-    run: Annotated[str | None, typer.Option(help="scaling, formation: sweep this trained induction run instead of training one")] = None,
+    run: Annotated[str | None, typer.Option(help="scaling, formation, llc: sweep this trained induction run instead of training one")] = None,
     size: Annotated[str | None, typer.Option(help="pythia: the shape, 160m (default), 410m or 1b")] = None,
     train_steps: Annotated[int | None, typer.Option(help="pythia: training steps of the cached checkpoint")] = None,
     eap_ig_python: Annotated[str | None, typer.Option(help="pythia: a Python with TransformerLens 2.x and the EAP-IG "
@@ -156,8 +156,8 @@ def bench(
             raise CircuitsError(f"--manifest and --step apply to the extract benchmark, not to {name!r}")
         options |= {"manifest": manifest, "step": step}
     if run is not None:
-        if name not in ("scaling", "formation", "all"):
-            raise CircuitsError(f"--run applies to the scaling and formation benchmarks, not to {name!r}")
+        if name not in ("scaling", "formation", "llc", "all"):
+            raise CircuitsError(f"--run applies to the scaling, formation and llc benchmarks, not to {name!r}")
         options |= {"run": run}
     pythia = {"size": size, "train_steps": train_steps, "eap_ig_python": eap_ig_python, "max_memory": max_memory}
     if any(v is not None for v in pythia.values()):

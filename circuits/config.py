@@ -142,7 +142,7 @@ class SweepConfig:
     node_effects: str = "auto"
     max_memory: str | int | None = None
     keep_logits: bool = False
-    extra_analyses: tuple[str, ...] = ()  # of EXTRA_ANALYSES: off by default
+    extra_analyses: str | tuple[str, ...] = ()  # of EXTRA_ANALYSES (or "a,b"): off by default
     options: Mapping[str, Any] = field(default_factory=dict)
     progress: bool = True
     executor: str = "local"

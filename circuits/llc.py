@@ -201,7 +201,8 @@ def _hf_model(name: str, revision: str | None, device: str) -> nn.Module:
     kwargs: dict[str, Any] = {"use_safetensors": True}  # never unpickle weights
     if revision is not None:
         kwargs["revision"] = revision
-    return AutoModelForCausalLM.from_pretrained(name, **kwargs).to(device)
+    model: nn.Module = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+    return model.to(device)
 
 
 def _check_parity(model, sampled: LogitsModule, device: str) -> None:
@@ -309,7 +310,7 @@ class LLCEstimate:
             "llc_mean": self.llc_mean, "llc_std": self.llc_std, "llc_se": self.llc_se,
             "llc_per_chain": self.llc_per_chain.astype(np.float64), "init_loss": self.init_loss,
             "loss_trace": self.loss_trace.astype(np.float32), "trace_rise": self.trace_rise,
-            "trace_drift": self.trace_drift, "healthy": np.bool_(self.healthy),
+            "trace_drift": self.trace_drift, "healthy": np.asarray(self.healthy),
             "lr": float(s.lr), "localization": float(s.localization), "nbeta": s.inverse_temperature,
             "chains": s.chains, "draws": s.draws, "burnin": s.burnin, "batch_size": s.batch_size,
             "n_data": s.n_data, "seed": s.seed, "data": DATA_CODES[self.source],
@@ -336,7 +337,7 @@ def diagnose(trace: np.ndarray, init_loss: float, burnin: int) -> tuple[np.ndarr
 
 def estimate(sampled: nn.Module, data: LLCData, settings: LLCSettings, device: str = "cpu") -> LLCEstimate:
     """devinterp's SGLD chains on ``sampled`` (``sample`` + ``compute_llc``); seeded by ``settings.seed``."""
-    from datasets import Dataset
+    from datasets import Dataset  # type: ignore[import-untyped]
     from devinterp.slt.llc import compute_llc
     from devinterp.slt.sampling import sample
 
@@ -367,7 +368,11 @@ def _quiet_sample(sample, sampled, dataset, s: LLCSettings, device: str, loss_fn
         return sample(sampled, dataset, {}, lr=s.lr, n_beta=s.inverse_temperature, localization=s.localization,
                       num_chains=s.chains, num_draws=s.draws, num_burnin_steps=s.burnin, batch_size=s.batch_size,
                       num_init_loss_batches=max(1, min(32, s.n_data // s.batch_size)), init_seed=s.seed,
-                      device=device, output_path=str(path), loss_fn=loss_fn)
+                      device=device, output_path=str(path), loss_fn=loss_fn,
+                      # each chain its own batches: their spread then holds the data's noise too, so the
+                      # standard error over chains covers another seed's batches (with devinterp's default,
+                      # shared batches, it did not: tests/test_llc.py)
+                      match_sampling_input_ids_across_chains=False)
 
 
 def estimate_at(model, manifest, task, step: int, settings: LLCSettings, device: str = "cpu") -> LLCEstimate:

@@ -61,8 +61,8 @@ def calibrate(manifest, step: int, task_name: str = "induction", base: LLCSettin
               device: str = "cpu") -> Calibration:
     """Estimate the LLC at ``step`` for every ``lr`` x ``localization`` (the other settings from ``base``)."""
     import circuits
-    from circuits.llc import llc_data, sampling_module
     from circuits.llc import estimate as run_estimate
+    from circuits.llc import llc_data, sampling_module
 
     base = base or LLCSettings()
     model = circuits.load(manifest, step, device)

@@ -17,7 +17,10 @@ the curve is noisy, so a stage boundary needs a noise model and a window. The de
    moves by less than ``z`` (default 2) times the noise over the segment,
    ``z * sigma * sqrt(2)``. Adjacent segments of one kind merge. A **boundary** is a knot
    between stages of different kinds: ``peak`` (rise then fall), ``trough`` (fall then rise),
-   ``levels off`` (rise or fall, then plateau), ``takes off`` (plateau, then rise or fall).
+   ``levels off`` (rise or fall, then plateau), ``takes off`` (plateau, then rise or fall);
+   and two rises (or falls) in a row stay two stages when one is at least ``rate`` (default 3)
+   times steeper per checkpoint: ``steepens`` or ``slows`` (the LLC's slow climb, then its
+   steep one through the induction phase change, is such a boundary).
 4. **Window.** A boundary's window is every checkpoint the knot could move to with chi^2 within
    ``window_chi2`` (default 4: about two standard deviations) of the best, the other knots held:
    its uncertainty, in steps. On a synthetic curve with noise at 1/15 of its range the true
@@ -35,6 +38,7 @@ import numpy as np
 
 PLATEAU_Z = 2.0
 WINDOW_CHI2 = 4.0
+PACE_RATE = 3.0  # two rises (or falls) in a row are two stages when one is this many times steeper
 
 
 @dataclass
@@ -58,7 +62,7 @@ class StageBoundary:
     step: int
     window_start: int
     window_end: int
-    kind: str  # "peak", "trough", "levels off" or "takes off"
+    kind: str  # "peak", "trough", "levels off", "takes off", "steepens" or "slows"
     before: str  # the kind of the stage before
     after: str
     value: float  # the fit at ``step``
@@ -137,6 +141,13 @@ def choose_knots(y: np.ndarray, sigma: np.ndarray, penalty: float) -> list[int]:
     return knots
 
 
+def _turns(fit: np.ndarray, a: int, k: int, b: int, rate: float) -> bool:
+    """Segments [a, k] and [k, b] of one direction: does the slope change by ``rate`` times or more?"""
+    before, after = (fit[k] - fit[a]) / (k - a), (fit[b] - fit[k]) / (b - k)
+    slow, fast = sorted((abs(before), abs(after)))
+    return fast >= rate * max(slow, 1e-12)
+
+
 def _kind(change: float, threshold: float) -> str:
     return "plateau" if abs(change) < threshold else ("rise" if change > 0 else "fall")
 
@@ -148,7 +159,7 @@ BOUNDARY_KINDS = {("rise", "fall"): "peak", ("fall", "rise"): "trough", ("rise",
 
 def find_stages(values: np.ndarray, steps: np.ndarray | list[int], se: np.ndarray | None = None,
                 curve: str = "llc", z: float = PLATEAU_Z, penalty: float | None = None,
-                window_chi2: float = WINDOW_CHI2) -> Stages:
+                window_chi2: float = WINDOW_CHI2, rate: float = PACE_RATE) -> Stages:
     """The stages of ``values`` (one per checkpoint at ``steps``) with boundaries and windows (module doc)."""
     steps = np.asarray(steps)
     y = np.asarray(values, dtype=float)
@@ -168,7 +179,7 @@ def find_stages(values: np.ndarray, steps: np.ndarray | list[int], se: np.ndarra
     merged: list[list[Any]] = []  # [kind, start index, end index]
     for a, b in zip(bounds, bounds[1:], strict=False):
         kind = _kind(fit[b] - fit[a], threshold)
-        if merged and merged[-1][0] == kind:
+        if merged and merged[-1][0] == kind and (kind == "plateau" or not _turns(fit, merged[-1][1], a, b, rate)):
             merged[-1][2] = b
         else:
             merged.append([kind, a, b])
@@ -177,10 +188,19 @@ def find_stages(values: np.ndarray, steps: np.ndarray | list[int], se: np.ndarra
     boundaries = []
     for (before, _, _), (after, a, _) in zip(merged, merged[1:], strict=False):
         lo, hi = _window(y, sigma, kept, a, chi2_limit=fit_knots(y, sigma, kept)[1] + window_chi2)
-        boundaries.append(StageBoundary(int(steps[a]), int(steps[lo]), int(steps[hi]), BOUNDARY_KINDS[(before, after)],
+        kind = BOUNDARY_KINDS.get((before, after)) or _pace(fit, merged, a)
+        boundaries.append(StageBoundary(int(steps[a]), int(steps[lo]), int(steps[hi]), kind,
                                         before, after, float(fit[a]), float(sigma[a])))
     return Stages(curve, stages, boundaries, fit, sigma,
-                  {"z": z, "penalty": float(penalty), "window_chi2": window_chi2, "chi2": chi2, "n_knots": len(knots)})
+                  {"z": z, "penalty": float(penalty), "window_chi2": window_chi2, "rate": rate, "chi2": chi2,
+                   "n_knots": len(knots)})
+
+
+def _pace(fit: np.ndarray, merged: list[list[Any]], knot: int) -> str:
+    """'steepens' or 'slows': a boundary between two stages of one direction at different rates."""
+    i = next(j for j, m in enumerate(merged) if m[1] == knot)
+    (_, a, k), (_, _, b) = merged[i - 1], merged[i]
+    return "steepens" if abs(fit[b] - fit[k]) / (b - k) > abs(fit[k] - fit[a]) / (k - a) else "slows"
 
 
 def _window(y: np.ndarray, sigma: np.ndarray, knots: list[int], knot: int, chi2_limit: float) -> tuple[int, int]:

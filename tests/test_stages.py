@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 
 from circuits.stages import find_stages, fit_knots, noise
-from circuits.tracking import Epoch, LEAD_TARGETS, Tracking, llc_against_epochs, summary_text
+from circuits.tracking import LEAD_TARGETS, Epoch, Tracking, llc_against_epochs, summary_text
 
 STEPS = np.arange(0, 1000, 20)  # 50 checkpoints
-I = np.arange(len(STEPS), dtype=float)
+IDX = np.arange(len(STEPS), dtype=float)
 # rises to checkpoint 15 (step 300), level to 30 (600), falls to 40 (800), rises again to the end
-TRUE = np.piecewise(I, [I < 15, (I >= 15) & (I < 30), (I >= 30) & (I < 40), I >= 40],
+TRUE = np.piecewise(IDX, [IDX < 15, (IDX >= 15) & (IDX < 30), (IDX >= 30) & (IDX < 40), IDX >= 40],
                     [lambda t: t, 15.0, lambda t: 15.0 - 0.8 * (t - 30), lambda t: 7.0 + (t - 40)])
 TURNS = {300: "levels off", 600: "takes off", 800: "trough"}
 
@@ -52,8 +52,8 @@ def test_a_noisy_flat_curve_is_one_plateau_without_boundaries():
 
 
 def test_a_peak_is_a_rise_then_a_fall():
-    tent = np.where(I < 25, I, 50.0 - I) + np.random.default_rng(2).normal(0.0, 0.2, len(I))
-    found = find_stages(tent, STEPS, np.full(len(I), 0.2))
+    tent = np.where(IDX < 25, IDX, 50.0 - IDX) + np.random.default_rng(2).normal(0.0, 0.2, len(IDX))
+    found = find_stages(tent, STEPS, np.full(len(IDX), 0.2))
     assert [(b.step, b.kind) for b in found.boundaries] == [(500, "peak")]
 
 
@@ -68,7 +68,7 @@ def test_noise_is_the_larger_of_the_standard_error_and_the_curve_scatter():
 def test_the_fit_is_least_squares_over_the_hinge_basis():
     y, sigma = noisy(0.3), np.full(len(STEPS), 0.3)
     fit, chi2 = fit_knots(y, sigma, [15, 30])
-    x = np.column_stack([np.ones(len(I)), I, np.maximum(0, I - 15), np.maximum(0, I - 30)])
+    x = np.column_stack([np.ones(len(IDX)), IDX, np.maximum(0, IDX - 15), np.maximum(0, IDX - 30)])
     expected = x @ np.linalg.lstsq(x, y, rcond=None)[0]  # equal weights: ordinary least squares
     assert np.allclose(fit, expected)
     assert chi2 == pytest.approx((((y - expected) / 0.3) ** 2).sum())
@@ -105,3 +105,10 @@ def test_stages_are_in_the_tracking_json():
 
 def test_the_llc_curve_is_a_leading_indicator_target():
     assert "llc" in LEAD_TARGETS
+
+
+def test_a_slow_climb_then_a_steep_one_is_two_stages():
+    ramp = np.where(IDX < 20, 0.2 * IDX, 4.0 + 2.0 * (IDX - 20)) + np.random.default_rng(3).normal(0.0, 0.2, len(IDX))
+    found = find_stages(ramp, STEPS, np.full(len(IDX), 0.2))
+    assert [(b.step, b.kind) for b in found.boundaries] == [(400, "steepens")]
+    assert [s.kind for s in found.stages] == ["rise", "rise"]
