@@ -154,8 +154,13 @@ def sweep(
     manifest = manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
     selected = select_steps(config.steps, manifest.steps)
     if "llc" in config.extra_analyses:  # its settings checked now, and recorded whole in study.json
+        import importlib.util
+
         from circuits.llc import parse_settings
 
+        if importlib.util.find_spec("devinterp") is None:
+            raise CircuitsError("--analyses llc needs devinterp, the optional llc extra: pip install 'circuits[llc]' "
+                                "(devinterp==2.0.1)")
         llc = parse_settings(config.options.get("llc")).to_dict()
         config = config.with_settings(options={**config.options, "llc": llc})
     analyses = builtin_analyses(config.method, config.extra_analyses) if analyses is None else analyses
