@@ -128,13 +128,13 @@ def trace_figure(cal: Calibration):
 
 def write(cal: Calibration, out: Path, png: bool = True) -> list[str]:
     """``traces.html`` (+ ``traces.png`` when kaleido is there) and ``calibration.json`` in ``out``."""
-    from circuits.figures import png_available
+    import importlib.util
 
     out.mkdir(parents=True, exist_ok=True)
     fig = trace_figure(cal)
     written = [str(out / "traces.html")]
     fig.write_html(written[0], include_plotlyjs="directory", full_html=True)
-    if png and png_available():
+    if png and importlib.util.find_spec("kaleido") is not None:  # PNG through kaleido when installed
         fig.write_image(str(out / "traces.png"), scale=2)
         written.append(str(out / "traces.png"))
     record = {"step": cal.step, "rows": cal.rows(), "settings": cal.estimates[0].settings.to_dict(),

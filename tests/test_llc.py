@@ -1,7 +1,8 @@
 """The llc analysis (circuits.llc): off by default, settings recorded, the study's model untouched,
 devinterp's estimator reproduced, estimates repeating within their error under another seed, the
 task's own loss, the sweep switch and ``circuits llc-calibrate``. A tiny induction run (40 steps,
-d_model 16) and few draws keep it cheap."""
+d_model 16) and few draws keep it cheap; the three that sample most are marked slow (journey tier:
+all 23 took 10.6 min at load ~8 on 2 shared cores)."""
 
 from __future__ import annotations
 
@@ -140,6 +141,7 @@ def test_without_burnin_the_estimate_is_devinterps_own(manifest):
     assert e.llc_mean == pytest.approx(e.devinterp_llc_mean, rel=1e-5)
 
 
+@pytest.mark.slow  # minutes on a loaded 2-core machine: the journey tier
 def test_estimates_repeat_within_their_error_under_another_seed(manifest):
     settings = replace(CHEAP, chains=3, draws=30, n_data=LLCSettings().n_data)
     for step in (0, 20, 40):
@@ -182,6 +184,7 @@ def test_training_data_is_refused_for_a_run_whose_data_is_not_known(manifest):
 # ---------------------------------------------------------------- the sweep and the CLI
 
 
+@pytest.mark.slow  # minutes on a loaded 2-core machine: the journey tier
 def test_a_sweep_with_llc_stores_the_curve_and_its_settings(manifest, tmp_path: Path):
     from circuits.sweep import sweep
     from circuits.tracking import track
@@ -207,6 +210,7 @@ def test_llc_settings_without_the_analysis_are_refused(tiny_run: Path, tmp_path:
     assert not (tmp_path / "s").exists()
 
 
+@pytest.mark.slow  # minutes on a loaded 2-core machine: the journey tier
 def test_llc_calibrate_prints_the_rule_and_writes_the_traces(tiny_run: Path, tmp_path: Path):
     from circuits import cli
 
