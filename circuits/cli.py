@@ -59,6 +59,8 @@ def demo(
     method: Annotated[str, typer.Option(help="Circuit discovery method for the sweep")] = "eap-ig",
     steps: Annotated[str, typer.Option(help="Steps of the run to study (selection language)")] = "all",
     port: Annotated[int, typer.Option(help="Port of the app")] = 8501,
+    llc: Annotated[bool, typer.Option("--llc", help="Also estimate the local learning coefficient at every step "
+                                      "(devinterp's SGLD; ~10 s a checkpoint on 2 cores: docs/tracking.md)")] = False,
 ) -> None:
     """The whole job on the built-in induction run: train, sweep with circuits, track, app."""
     from circuits.app_launcher import launch
@@ -71,8 +73,9 @@ def demo(
     manifest = train_recipe("induction", run_dir)
     print_history(run_dir)
     typer.echo(f"[2/4] sweeping {len(manifest.steps)} checkpoints into {study_dir}: patterns, "
-               f"activations, head detectors, {method} circuits")
-    study = run_sweep(manifest, "induction", study_dir, steps=steps, method=method)
+               f"activations, head detectors, {method} circuits" + (", the LLC" if llc else ""))
+    study = run_sweep(manifest, "induction", study_dir, steps=steps, method=method,
+                      extra_analyses=("llc",) if llc else ())
     typer.echo("[3/4] how the circuit formed")
     typer.echo(summary_text(track(study)))
     if no_app:
@@ -110,6 +113,8 @@ def sweep(
     follow: Annotated[bool, typer.Option("--follow", help="A run still training: after the steps present, visit new checkpoints as they land, until the run writes training.done or --idle seconds pass without one (docs/follow.md)")] = False,
     idle: Annotated[float, typer.Option(help="--follow: stop after this many seconds without a new checkpoint")] = FOLLOW_IDLE,
     poll: Annotated[float, typer.Option(help="--follow: look for new checkpoints every this many seconds")] = FOLLOW_POLL,
+    analyses: Annotated[str | None, typer.Option(help="Extra analyses, off by default: llc (the local learning coefficient, devinterp's SGLD; docs/tracking.md)")] = None,
+    llc: Annotated[str | None, typer.Option(help="llc settings as KEY=VALUE,...: lr, localization, nbeta, chains, draws, burnin, batch_size, n_data, seed, data (auto, training or task); calibrate with `circuits llc-calibrate`")] = None,
 ) -> None:
     """Cache patterns, activations, logits, loss, metric, head scores and (with --method) the circuit of every selected step."""
     from circuits.config import SweepConfig
@@ -120,7 +125,10 @@ def sweep(
                          resamples=resamples, stable_share=stable_share, trust_steps=trust_steps,
                          trust_max_edges=trust_max_edges, node_effects=node_effects, max_memory=max_memory,
                          keep_logits=keep_logits, progress=not no_progress, executor=executor, workers=workers, ray_address=ray_address,
-                         follow=follow, idle=idle, poll=poll)
+                         follow=follow, idle=idle, poll=poll,
+                         extra_analyses=analyses or (), options={"llc": llc} if llc is not None else {})
+    if llc is not None and "llc" not in config.extra_analyses:
+        raise CircuitsError("--llc sets the llc analysis's settings: add --analyses llc")
     study = run_sweep(manifest, task, out, config)
     typer.echo(f"study {out}: {len(study.steps)} steps, {study.n_examples} prompts of {study.seq_len} tokens")
 
@@ -144,12 +152,12 @@ def import_weights(
 @app.command()
 def bench(
     name: Annotated[str, typer.Argument(help="Benchmark to run: extract, extract-70m, discover, app, scaling, "
-                                            "formation, pythia, or all (every one but pythia, side by side)")] = "all",
+                                            "formation, pythia, llc, or all (every one but pythia and llc, side by side)")] = "all",
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON only")] = False,
     manifest: Annotated[str | None, typer.Option(help="extract: benchmark this run's checkpoint instead of the built-in model")] = None,
     step: Annotated[int | None, typer.Option(help="extract: step of --manifest (default: its last)")] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
-    run: Annotated[str | None, typer.Option(help="scaling, formation: sweep this trained induction run instead of training one")] = None,
+    run: Annotated[str | None, typer.Option(help="scaling, formation, llc: sweep this trained induction run instead of training one")] = None,
     study: Annotated[str | None, typer.Option(help="app: measure in the browser on this study (e.g. the demo's) "
                                                    "instead of a synthetic one of the demo's shape")] = None,
     size: Annotated[str | None, typer.Option(help="pythia: the shape, 160m (default), 410m or 1b")] = None,
@@ -171,8 +179,8 @@ def bench(
             raise CircuitsError(f"--manifest and --step apply to the extract benchmark, not to {name!r}")
         options |= {"manifest": manifest, "step": step}
     if run is not None:
-        if name not in ("scaling", "formation", "all"):
-            raise CircuitsError(f"--run applies to the scaling and formation benchmarks, not to {name!r}")
+        if name not in ("scaling", "formation", "llc", "all"):
+            raise CircuitsError(f"--run applies to the scaling, formation and llc benchmarks, not to {name!r}")
         options |= {"run": run}
     if study is not None:
         if name not in ("app", "all"):
@@ -340,6 +348,47 @@ def print_history(run_dir: Path) -> None:
     for row in history:
         table.add_row(*(str(row[c]) if c == "step" else f"{row[c]:.4f}" for c in columns))
     Console().print(table)
+
+
+@app.command("llc-calibrate")
+def llc_calibrate(
+    manifest: Annotated[str, typer.Argument(help="Manifest YAML, run folder, or built-in manifest name")],
+    step: Annotated[int, typer.Option(help="The checkpoint to calibrate on")],
+    task: Annotated[str, typer.Option(help="Task (its loss, unless the run is a built-in induction run: its training data)")] = "induction",
+    out: Annotated[Path | None, typer.Option(help="Folder for traces.html (+ .png) and calibration.json")] = None,
+    lrs: Annotated[str, typer.Option(help="SGLD step sizes to try, comma-separated")] = "1e-4,3e-4,1e-3",
+    localizations: Annotated[str, typer.Option(help="Localization strengths (gamma) to try, comma-separated")] = "100,300,1000",
+    llc: Annotated[str | None, typer.Option(help="The other settings, KEY=VALUE,... (as `circuits sweep --llc`)")] = None,
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+) -> None:
+    """Sweep the LLC sampler's step size x localization on one checkpoint: a table with the rule used, and the traces."""
+    from circuits.config import check_device
+    from circuits.llc import parse_settings
+    from circuits.llc_calibrate import calibrate, table_text, write
+    from circuits.manifest import load_manifest
+
+    check_device(device)
+    grid = (_floats("--lrs", lrs), _floats("--localizations", localizations))
+    base = parse_settings(llc)
+    if out is not None and any((out / name).exists() for name in ("traces.html", "calibration.json")):
+        raise CircuitsError(f"--out {out}: already holds a calibration (traces.html or calibration.json); "
+                            "choose another folder")
+    loaded = load_manifest(manifest)
+    loaded.require_step(step)
+    cal = calibrate(loaded, step, task, base, *grid, device=device)
+    typer.echo(table_text(cal))
+    if out is not None:
+        typer.echo(f"wrote {', '.join(write(cal, out))}")
+
+
+def _floats(option: str, text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        values = ()
+    if not values or any(not v >= 0 for v in values):
+        raise CircuitsError(f"{option} {text!r}: expected numbers >= 0 separated by commas, e.g. 1e-4,3e-4,1e-3")
+    return values
 
 
 @app.command("app")

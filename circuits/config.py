@@ -19,6 +19,8 @@ DTYPES = ("float16", "float32")
 SCORING_METHODS = ("eap", "eap-ig", "patching")
 METHODS = ("none", *SCORING_METHODS)
 EXECUTORS = ("local", "ray")
+# Analyses that are off unless named (``--analyses llc``): costly, or needing an optional extra.
+EXTRA_ANALYSES = ("llc",)
 # The bootstrap of each step's circuit (circuits.discovery.uncertainty): resamples of the
 # examples, and the share of them an edge must be in to belong to the stable circuit.
 RESAMPLES = 20
@@ -147,6 +149,7 @@ class SweepConfig:
     node_effects: str = "auto"
     max_memory: str | int | None = None
     keep_logits: bool = False
+    extra_analyses: str | tuple[str, ...] = ()  # of EXTRA_ANALYSES (or "a,b"): off by default
     options: Mapping[str, Any] = field(default_factory=dict)
     progress: bool = True
     executor: str = "local"
@@ -159,6 +162,10 @@ class SweepConfig:
     def __post_init__(self) -> None:
         if isinstance(self.hooks, list):  # a frozen dataclass stays hashable: lists become tuples
             object.__setattr__(self, "hooks", tuple(self.hooks))
+        if isinstance(self.extra_analyses, str):  # "llc" or "llc,other"
+            object.__setattr__(self, "extra_analyses", tuple(a.strip() for a in self.extra_analyses.split(",")
+                                                             if a.strip()))
+        object.__setattr__(self, "extra_analyses", tuple(self.extra_analyses or ()))
         object.__setattr__(self, "options", dict(self.options or {}))
         self.check()
 
@@ -182,6 +189,10 @@ class SweepConfig:
         if self.max_memory is not None:
             parse_memory(self.max_memory)
         check_device(self.device)
+        for name in self.extra_analyses:
+            if name not in EXTRA_ANALYSES:
+                raise CircuitsError(f"--analyses {name!r}: expected one of {', '.join(EXTRA_ANALYSES)} "
+                                    "(heads and progress always run; the circuit runs with --method)")
         self._check_executor()
         self._check_follow()
 

@@ -104,8 +104,9 @@ def _move_aside(damaged: dict[int, Path]) -> None:
 # ---------------------------------------------------------------- the sweep
 
 
-def builtin_analyses(method: str = "none") -> list[tuple[str, Analysis]]:
-    """Head detectors and progress measures at every step; the circuit when a method is chosen."""
+def builtin_analyses(method: str = "none", extra: Sequence[str] = ()) -> list[tuple[str, Analysis]]:
+    """Head detectors and progress measures at every step; the circuit when a method is chosen;
+    the ``extra`` ones named (``llc``: circuits.llc, off by default)."""
     from circuits.detectors import head_analysis
     from circuits.progress import progress_analysis
 
@@ -114,6 +115,10 @@ def builtin_analyses(method: str = "none") -> list[tuple[str, Analysis]]:
         from circuits.discovery.analysis import circuit_analysis
 
         chosen.append(("circuit", circuit_analysis))
+    if "llc" in extra:
+        from circuits.llc import llc_analysis
+
+        chosen.append(("llc", llc_analysis))
     return chosen
 
 
@@ -157,7 +162,17 @@ def sweep(
     if not config.follow:
         manifest = manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
         selected = select_steps(config.steps, manifest.steps)
-    analyses = builtin_analyses(config.method) if analyses is None else analyses
+    if "llc" in config.extra_analyses:  # its settings checked now, and recorded whole in study.json
+        import importlib.util
+
+        from circuits.llc import parse_settings
+
+        if importlib.util.find_spec("devinterp") is None:
+            raise CircuitsError("--analyses llc needs devinterp, the optional llc extra: pip install 'circuits[llc]' "
+                                "(devinterp==2.0.1)")
+        llc = parse_settings(config.options.get("llc")).to_dict()
+        config = config.with_settings(options={**config.options, "llc": llc})
+    analyses = builtin_analyses(config.method, config.extra_analyses) if analyses is None else analyses
     _check_analysis_names(analyses)
     task_name_of(task)  # a task file that is not there: refused before anything is loaded
 

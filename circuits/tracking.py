@@ -28,6 +28,7 @@ from jaxtyping import Float
 
 from circuits.errors import CircuitsError
 from circuits.graph import edge_name, format_node, jaccard, parse_edge, parse_node
+from circuits.stages import Stages, llc_stages
 
 # ---------------------------------------------------------------- similarity between circuits
 
@@ -413,6 +414,8 @@ class Tracking:
     trust_lines: list[str] = field(default_factory=list)  # what the summary says of them
     # The final stable circuit's edges: score / gap per step ("circuit/share/<edge>"; NaN without a circuit)
     edge_shares: dict[str, np.ndarray] = field(default_factory=dict)
+    # Developmental stages of the LLC curve (circuits.stages; None without ``--analyses llc``)
+    llc_stages: Stages | None = None
 
     def roles(self) -> list[Role]:
         """The heads taking on a detector's role (:func:`material_roles`)."""
@@ -460,6 +463,8 @@ class Tracking:
             "roles": [r.to_dict() for r in self.roles()],
             "epochs": [e.to_dict() for e in self.epochs],
             "leading_indicators": [x.to_dict() for x in self.leading],
+            "llc_stages": None if self.llc_stages is None else self.llc_stages.to_dict(),
+            "llc_vs_epochs": llc_against_epochs(self),
             "circuit": None,
         }
         c = self.circuit
@@ -908,6 +913,8 @@ def track(study, min_share: float = 0.2, gap_z: float = GAP_Z, reproducible: flo
         if share is not None:
             curves["progress/key_share"] = share
     heads = {key.split("/", 1)[1]: np.asarray(study.array(key), dtype=float) for key in _keys(study, "heads")}
+    if _has(study, "llc/llc_mean"):  # a progress measure like any other (phases, leading indicators)
+        curves["llc"] = np.asarray(study.array("llc/llc_mean"), dtype=float)
 
     explained = explained_of(study, gap_z, reproducible, gap_floor)
 
@@ -966,6 +973,7 @@ def track(study, min_share: float = 0.2, gap_z: float = GAP_Z, reproducible: flo
         steps=steps, curves=curves, heads=heads, circuit=circuit, phases=phases,
         stability=stability_after(circuit, steps, formed), explained=explained, epochs=epochs,
         edge_shares={k.removeprefix("circuit/share/"): v for k, v in contributions.items()},
+        llc_stages=llc_stages(study),
     )
     if circuit is not None and hasattr(study, "provenance"):
         # Read here, not in circuits.discovery: its package loads torch, which summary otherwise needs not.
@@ -996,7 +1004,34 @@ def key_share_from_study(study) -> np.ndarray | None:
     return squared[:, keys - 1].sum(axis=1) / np.maximum(squared.sum(axis=1), 1e-30)
 
 
-LEAD_TARGETS = ("metric", "progress/test_loss")  # the curves whose phase changes get leading indicators
+LEAD_TARGETS = ("metric", "progress/test_loss", "llc")  # the curves whose phase changes get leading indicators
+
+
+def _near(window: tuple[int, int], step: int, steps: np.ndarray) -> bool:
+    """``step`` within ``window`` widened by one checkpoint each side (the checkpoints' resolution)."""
+    i, j = int(np.searchsorted(steps, window[0])), int(np.searchsorted(steps, window[1]))
+    lo, hi = int(steps[max(i - 1, 0)]), int(steps[min(j + 1, len(steps) - 1)])
+    return lo <= step <= hi
+
+
+def llc_against_epochs(tracking: Tracking) -> list[dict[str, Any]]:
+    """Per LLC stage boundary: the circuit epochs that begin, and the metric / loss phase changes
+    whose window overlaps, within its window widened by one checkpoint each side."""
+    if tracking.llc_stages is None:
+        return []
+    steps = np.asarray(tracking.steps)
+    starts = [e.start for e in tracking.epochs[1:]]  # an epoch boundary: where a new epoch begins
+    out = []
+    for b in tracking.llc_stages.boundaries:
+        window = (b.window_start, b.window_end)
+        epochs = [s for s in starts if _near(window, s, steps)]
+        phases = [f"{p.curve} {p.direction} {p.start_step}-{p.end_step}" for p in tracking.phases
+                  if p.curve in ("metric", "loss") and _near(window, p.start_step, steps) or
+                  p.curve in ("metric", "loss") and p.start_step <= b.step <= p.end_step]
+        nearest = min(starts, key=lambda s: abs(s - b.step), default=None)
+        out.append({"step": b.step, "window": list(window), "kind": b.kind, "epoch_starts": epochs,
+                    "nearest_epoch_start": nearest, "phases": phases})
+    return out
 
 
 def _tokens_seen(study, n: int) -> np.ndarray | None:
@@ -1128,12 +1163,47 @@ def _leading_lines(tracking: Tracking, most: int = 8) -> list[str]:
     return lines
 
 
+def _llc_lines(tracking: Tracking) -> list[str]:
+    """'LLC stages: ...' one line per stage boundary, then where they fall against the circuit epochs."""
+    st = tracking.llc_stages
+    if st is None:
+        return []
+    steps = tracking.steps
+    lines = ["", f"LLC stages (piecewise-linear fit; plateau = moves < {st.settings.get('z', 2):g} sigma; window = "
+             f"where the boundary fits within chi2 + {st.settings.get('window_chi2', 1):g}; circuits.stages):"]
+    lines.append("  " + ", ".join(f"{s.kind} {s.start_step}-{s.end_step} ({s.start_value:.3g} -> {s.end_value:.3g})"
+                                  for s in st.stages) if st.stages else "  none (too few steps)")
+    if st.stages and not st.boundaries:
+        lines.append("  no stage boundary: the curve is one stage")
+    compared = {c["step"]: c for c in llc_against_epochs(tracking)}
+    have_epochs = len(tracking.epochs) > 1
+    for b in st.boundaries:
+        c = compared[b.step]
+        line = (f"  boundary at step {b.step} ({b.kind}: {b.before} -> {b.after}), window {b.window_start}-"
+                f"{b.window_end}, LLC {b.value:.3g} +- {b.se:.2g}")
+        if have_epochs:
+            line += ("; coincides with the circuit epoch starting at " + ", ".join(map(str, c["epoch_starts"]))
+                     if c["epoch_starts"] else f"; no circuit epoch starts there (nearest: "
+                     f"{c['nearest_epoch_start']}, {abs(int(c['nearest_epoch_start']) - b.step)} steps away)")
+        if c["phases"]:
+            line += f"; inside or at the phase change {', '.join(c['phases'])}"
+        lines.append(line)
+    if not have_epochs and st.boundaries:
+        lines.append("  (no circuit epochs to compare with: sweep with --method eap-ig for them)")
+    if have_epochs:
+        lone = [e.start for e in tracking.epochs[1:]
+                if not any(_near((b.window_start, b.window_end), e.start, np.asarray(steps)) for b in st.boundaries)]
+        if lone:
+            lines.append(f"  circuit epochs starting with no LLC boundary near: {', '.join(map(str, lone))}")
+    return lines
+
+
 def summary_text(tracking: Tracking) -> str:
     """The report ``circuits summary`` prints: phases, emergence order, stability."""
     steps = tracking.steps
     lines = [f"run {tracking.run or '?'}: {len(steps)} steps from {int(steps[0])} to {int(steps[-1])}"]
     ends = ", ".join(f"{k} {_fmt(float(v[0]))} -> {_fmt(float(v[-1]))}" for k, v in tracking.curves.items()
-                     if k in ("metric", "loss", "progress/icl_score", "progress/test_acc", "circuit/n_edges"))
+                     if k in ("metric", "loss", "progress/icl_score", "progress/test_acc", "circuit/n_edges", "llc"))
     if ends:
         lines.append(f"  {ends}")
     if "progress/top_share" in tracking.curves and "progress/restricted_loss" not in tracking.curves:
@@ -1169,7 +1239,7 @@ def summary_text(tracking: Tracking) -> str:
         if tracking.circuit is not None:
             line += _circuit_edges_of(tracking.circuit, role.head)
         lines.append(line)
-    lines += _epoch_lines(tracking) + _leading_lines(tracking)
+    lines += _epoch_lines(tracking) + _llc_lines(tracking) + _leading_lines(tracking)
     c = tracking.circuit
     if c is not None:
         lines.append("")

@@ -14,6 +14,7 @@ are not. Results go in ``docs/performance.md``.
 - ``scaling.py``: ``scaling`` (steps and Ray workers).
 - ``formation.py``: ``formation`` (the formation account's cost on the sweep).
 - ``pythia.py``: ``pythia`` (one sweep step at Pythia's shapes, a trained checkpoint, EAP-IG(5)).
+- ``llc.py``: ``llc`` (the LLC's cost per checkpoint against the sweep's step; devinterp's defaults).
 
 To add one: write ``bench_x(device: str = "cpu", ...) -> dict`` in a module here, returning
 ``{"figures": {"ratio": figure(value, "x", goal=4.0)}, "model": {...}}``, register it below,
@@ -32,6 +33,7 @@ from circuits.bench.common import Benchmark, figure, machine, print_result
 from circuits.bench.discover import discover_figures
 from circuits.bench.extract import bench_extract, bench_extract_70m
 from circuits.bench.formation import bench_formation
+from circuits.bench.llc import bench_llc
 from circuits.bench.pythia import bench_pythia
 from circuits.bench.scaling import bench_scaling
 from circuits.errors import CircuitsError
@@ -40,12 +42,14 @@ __all__ = ["BENCHMARKS", "Benchmark", "bench_all", "bench_extract", "bench_scali
            "print_result", "run_benchmark"]
 
 _OPTIONS_OF = {"extract": ("manifest", "step"), "scaling": ("run",), "formation": ("run",), "app": ("study",),
+               "llc": ("run",),
               "pythia": ("size", "train_steps", "eap_ig_python", "max_memory")}
 
 
 # Run on their own only: ``pythia`` takes ~1 min and ~5 GB at its default 160m shape (more on
-# a loaded machine), beyond what ``circuits bench`` (all) should cost.
-NOT_IN_ALL = ("pythia",)
+# a loaded machine), beyond what ``circuits bench`` (all) should cost; ``llc`` needs the optional
+# ``llc`` extra (devinterp) and ~1-3 min.
+NOT_IN_ALL = ("pythia", "llc")
 
 
 def bench_all(device: str = "cpu", **options: Any) -> dict[str, Any]:
@@ -81,6 +85,8 @@ BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in [
               "account off, built-in induction run, EAP-IG(5)", bench_formation),
     Benchmark("pythia", "one sweep step (EAP-IG(5), induction, load included) of a briefly trained GPTNeoX of "
               "Pythia's shape (160m; --size 410m, 1b): time, peak RSS, shard bytes, phase shares", bench_pythia),
+    Benchmark("llc", "the LLC (devinterp SGLD, default settings) per checkpoint vs the sweep's step (method none), "
+              "built-in induction run; devinterp's defaults vs ours", bench_llc),
     Benchmark("all", "every benchmark, one run, figures side by side", bench_all),
 ]}
 
