@@ -273,5 +273,5 @@ def test_circuits_summary_refuses_a_format_4_study_in_one_line(lean_study, tmp_p
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2 and "\n" not in err
     assert "a study of another circuits version (format 'circuits-study/4', this version reads " \
-           "'circuits-study/5'); sweep again into a new folder" in err
+           f"'{store.STUDY_FORMAT}'); sweep again into a new folder" in err
 

@@ -18,6 +18,10 @@ import numpy as np
 from circuits import chunks
 from circuits.errors import first_line
 
+# /6: a shard holds only what its own checkpoint determines: modular addition's key-frequency
+# measures (key_freqs, key_share, restricted_loss, excluded_loss) left the shards for the study's
+# run_end.h5 (circuits.run_end), computed once the run has ended; an optional llc/ group (the
+# local learning coefficient, --analyses llc); study.json's manifest follows a run that grew.
 # /5: lean outputs: at each answer slot the correct and wrong tokens' logits, the log-sum-exp
 # and the mean logit, in the study's dtype (outputs/correct_logits_*, wrong_logits_*, lse_*,
 # mean_logit_*); full-vocabulary logits (outputs/logits_*) only with --keep-logits, recorded
@@ -27,9 +31,9 @@ from circuits.errors import first_line
 # /3: each step's circuit carries its bootstrap (circuit/score_se, inclusion, resample_jaccard,
 # stable, stable_faithfulness) and the study records the settings behind it.
 # /2: attention patterns stored as their lower triangle (format /1 held the full square).
-SHARD_FORMAT = "circuits-shard/5"
-STUDY_FORMAT = "circuits-study/5"
-INDEX_FORMAT = "circuits-index/5"
+SHARD_FORMAT = "circuits-shard/6"
+STUDY_FORMAT = "circuits-study/6"
+INDEX_FORMAT = "circuits-index/6"
 STUDY_FILE = "study.json"
 INDEX_FILE = "index.h5"
 SHARD_DIR = "shards"
