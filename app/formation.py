@@ -245,6 +245,14 @@ def _stage_lane(name: str, items: list[Any]) -> Lane | None:
     return Lane(name.replace("_", " "), tuple(spans))
 
 
+def stages_lanes(curve: str, stages: Any) -> list[Lane]:
+    """A curve's stages (``circuits.stages.Stages``): its pieces (rise, fall, plateau), then its
+    boundaries (peak, levels off, ...) over their windows; a click on a boundary goes to its step."""
+    pieces = tuple(Span(s.kind, int(s.start_step), int(s.end_step), int(s.start_step)) for s in stages.stages)
+    turns = tuple(Span(b.kind, int(b.window_start), int(b.window_end), int(b.step)) for b in stages.boundaries)
+    return [lane for lane in (Lane(f"{curve} stages", pieces), Lane(f"{curve} boundaries", turns)) if lane.spans]
+
+
 def lanes(tracking: Any) -> list[Lane]:
     """Every list of windows the tracking result offers, as lanes: each curve's phase changes
     (metric, loss, the progress measures such as early_loss, the top head of each detector), the
@@ -262,7 +270,9 @@ def lanes(tracking: Any) -> list[Lane]:
         if f.name in {"phases", "epochs"} | NOT_STAGES:
             continue
         value = getattr(tracking, f.name)
-        if isinstance(value, (list, tuple)) and value:
+        if hasattr(value, "stages") and hasattr(value, "boundaries"):  # circuits.stages.Stages (the LLC's)
+            out += stages_lanes(f.name.removesuffix("_stages"), value)
+        elif isinstance(value, (list, tuple)) and value:
             lane = _stage_lane(f.name, list(value))
             if lane is not None:
                 out.append(lane)

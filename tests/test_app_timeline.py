@@ -49,16 +49,16 @@ class Stage:
 
 @dataclass
 class WithStages(Tracking):
-    """A tracking result with one more list of windows (as LLC stages will be)."""
+    """A tracking result with one more list of windows (a measure added to tracking later)."""
 
-    llc_stages: list = field(default_factory=list)
+    other_stages: list = field(default_factory=list)
 
 
 def test_a_new_list_of_windows_in_the_tracking_result_becomes_a_lane_by_itself():
-    tracked = WithStages(**vars(_tracking()), llc_stages=[Stage(0, 350, "plateau"), Stage(350, 1000, "turn")])
+    tracked = WithStages(**vars(_tracking()), other_stages=[Stage(0, 350, "plateau"), Stage(350, 1000, "turn")])
     lanes = formation.lanes(tracked)
-    assert lanes[-1] == formation.Lane("llc stages", (formation.Span("plateau", 0, 350, 0),
-                                                      formation.Span("turn", 350, 1000, 350)))
+    assert lanes[-1] == formation.Lane("other stages", (formation.Span("plateau", 0, 350, 0),
+                                                        formation.Span("turn", 350, 1000, 350)))
 
 
 def test_a_click_goes_to_the_step_the_clicked_point_stands_for():
@@ -136,3 +136,19 @@ def test_log_step_axes_label_powers_of_ten_only():
     charts.tidy_log_steps(fig)
     assert fig.layout.xaxis.dtick == 1 and fig.layout.xaxis.minor.dtick == "D1"
     assert fig.layout.xaxis2.dtick is None  # a linear axis is left as it is
+
+
+def test_llc_stages_become_two_lanes_the_pieces_and_the_boundaries_windows():
+    from circuits.stages import Stage as Piece
+    from circuits.stages import StageBoundary, Stages
+
+    pieces = [Piece("plateau", 0, 350, 1.0, 1.0), Piece("rise", 350, 1000, 1.0, 9.0)]
+    turn = StageBoundary(step=350, window_start=300, window_end=400, kind="takes off", before="plateau",
+                         after="rise", value=1.0, se=0.1)
+    stages = Stages("llc", pieces, [turn], fit=np.zeros(len(STEPS)), sigma=np.ones(len(STEPS)))
+    tracked = _tracking()
+    tracked.llc_stages = stages
+    lanes = formation.lanes(tracked)
+    assert lanes[-2:] == [formation.Lane("llc stages", (formation.Span("plateau", 0, 350, 0),
+                                                       formation.Span("rise", 350, 1000, 350))),
+                          formation.Lane("llc boundaries", (formation.Span("takes off", 300, 400, 350),))]

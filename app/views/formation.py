@@ -101,13 +101,18 @@ def _on_graph_click() -> None:
 
 
 def _rows() -> list[charts.Row]:
-    """The curves drawn: task metric, loss, the stable circuit's faithfulness (read on 0 to 1)."""
+    """The curves drawn: task metric, loss, the LLC (with its stage boundaries' windows) where the
+    study has it, the stable circuit's faithfulness (read on 0 to 1)."""
     curves = tracked.curves if tracked is not None else data.curves(path, stamp)
     rows = []
     for key, title in (("metric", "task metric"), ("task metric", "task metric"), ("loss", "loss")):
         if key in curves and all(r.title != title for r in rows):
             windows = tuple((p.start_step, p.end_step) for p in (tracked.phases_of(key) if tracked else []))
             rows.append(charts.Row(title, np.asarray(curves[key], dtype=float), windows))
+    llc = getattr(tracked, "llc_stages", None)
+    if "llc" in curves and np.isfinite(np.asarray(curves["llc"], dtype=float)).any():  # --analyses llc
+        windows = tuple((b.window_start, b.window_end) for b in (llc.boundaries if llc is not None else []))
+        rows.append(charts.Row("LLC", np.asarray(curves["llc"], dtype=float), windows))
     faith = curves.get("circuit/faithfulness")
     if faith is not None and np.isfinite(faith).any():
         rows.append(charts.Row("faithfulness", np.asarray(faith, dtype=float),
