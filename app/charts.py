@@ -213,6 +213,10 @@ def mark_step(fig: go.Figure, x: float) -> go.Figure:
     return fig
 
 
+TIMELINE_PX = 700
+TIMELINE_FRAME_PX = 110  # the step axis, its title and the gaps between rows
+
+
 def timeline(steps: list[int], rows: list[Row], lanes: list, step: int | None = None, log: bool = False
              ) -> tuple[go.Figure, list[list[int] | None]]:
     """The formation view's timeline: one row per curve (each curve's phase windows shaded) and
@@ -226,8 +230,12 @@ def timeline(steps: list[int], rows: list[Row], lanes: list, step: int | None = 
     from plotly.subplots import make_subplots
 
     n = len(rows) + (1 if lanes else 0)
-    lane_px = 26
-    heights = [1.0] * len(rows) + ([max(len(lanes), 1) * lane_px / 110] if lanes else [])
+    # The whole timeline fits TIMELINE_PX (beside the graph, under the page's header, on a 900 px
+    # screen): lanes get thinner when there are many, curve rows share what is left.
+    lane_px = 26 if len(lanes) <= 6 else max(16, 26 - 2 * (len(lanes) - 6))
+    lanes_px = lane_px * len(lanes)
+    row_px = max(80.0, min(120.0, (TIMELINE_PX - TIMELINE_FRAME_PX - lanes_px) / max(len(rows), 1)))
+    heights = [row_px] * len(rows) + ([float(lanes_px)] if lanes else [])
     fig = make_subplots(rows=n, cols=1, shared_xaxes=True, row_heights=heights, vertical_spacing=0.035)
     floor = log_floor(steps)
 
@@ -256,7 +264,7 @@ def timeline(steps: list[int], rows: list[Row], lanes: list, step: int | None = 
     if log:
         # Labels at powers of ten only: plotly's minor labels ("2", "5") read like steps.
         fig.update_xaxes(type="log", dtick=1, minor={"dtick": "D1", "showgrid": True})
-    fig.update_layout(height=150 + 120 * len(rows) + lane_px * len(lanes), showlegend=False,
+    fig.update_layout(height=int(TIMELINE_FRAME_PX + row_px * len(rows) + lanes_px), showlegend=False,
                       hovermode="closest", clickmode="event+select", dragmode=False,
                       margin={"l": 10, "r": 10, "t": 10, "b": 10})
     return fig, targets
