@@ -64,3 +64,20 @@ def assert_same_study(got: Path, want: Path, provenance: bool = True) -> None:
         np.testing.assert_array_equal(g.metric(), w.metric())
         for key in w.keys("circuit"):  # circuits, when the sweep found any
             np.testing.assert_array_equal(g.array(key), w.array(key))
+
+
+def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    """Run ``circuits ARGS`` in this process through the console entry point ``main`` (exit 2 on a
+    user error): the exit code, stdout and stderr."""
+    import sys
+
+    from circuits import cli
+
+    monkeypatch.setattr(sys, "argv", ["circuits", *args])
+    try:
+        cli.main()
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else 1
+    out, err = capsys.readouterr()
+    return code, out, err

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from study_helpers import run_cli
 
 from circuits import cli
 from circuits.manifest import load_manifest
@@ -16,16 +17,6 @@ from circuits.steps import log_then_linear
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    """Run ``circuits ARGS`` in this process through the console entry point ``main``."""
-    monkeypatch.setattr(sys, "argv", ["circuits", *args])
-    try:
-        cli.main()
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code if isinstance(exit_.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:

@@ -9,15 +9,14 @@ import json
 import math
 import os
 import pickle
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from study_helpers import run_cli
 
 import circuits
-from circuits import cli
 from circuits.errors import CircuitsError
 from circuits.folder_manifest import manifest_from_folder
 from circuits.manifest import load_manifest, parse_manifest
@@ -36,15 +35,6 @@ class Payload:
         return (Path.touch, (self.marker,))
 
 
-def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["circuits", *args])
-    try:
-        cli.main()
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code if isinstance(exit_.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def write_manifest(run: Path, steps: list[int], **local) -> None:
@@ -358,16 +348,20 @@ def test_a_hugging_face_trainer_run_is_studied_with_manifest_sweep_and_summary(m
     saved = sorted(int(p.name.split("-")[1]) for p in run.glob("checkpoint-*"))
     assert saved == [2, 4, 6]
 
-    code, _, err = run_cli(monkeypatch, capsys, "manifest", str(run))
-    assert code == 0, err
-    study = tmp_path / "study"
-    code, _, err = run_cli(monkeypatch, capsys, "sweep", str(run), "--task", "induction", "--out", str(study),
-                           "--n-examples", "4", "--batch-size", "4", "--no-progress")
-    assert code == 0, err
-    code, out, err = run_cli(monkeypatch, capsys, "summary", str(study))
-    assert code == 0, err
+    study, out = manifest_sweep_summary(monkeypatch, capsys, run, tmp_path / "study")
     assert f"{len(saved)} steps from {saved[0]} to {saved[-1]}" in out
     assert study_steps_and_tokens(study) == (saved, [step * batch * seq for step in saved])
+
+
+def manifest_sweep_summary(monkeypatch, capsys, run: Path, study: Path) -> tuple[Path, str]:
+    """``circuits manifest RUN``, ``sweep`` (4 prompts) and ``summary``, each exiting 0: the study and the summary."""
+    for args in (("manifest", str(run)), ("sweep", str(run), "--task", "induction", "--out", str(study),
+                                          "--n-examples", "4", "--batch-size", "4", "--no-progress")):
+        code, _, err = run_cli(monkeypatch, capsys, *args)
+        assert code == 0, err
+    code, out, err = run_cli(monkeypatch, capsys, "summary", str(study))
+    assert code == 0, err
+    return study, out
 
 
 def test_a_nanogpt_folder_is_studied_with_manifest_sweep_and_summary(monkeypatch, capsys, tmp_path):
@@ -375,14 +369,7 @@ def test_a_nanogpt_folder_is_studied_with_manifest_sweep_and_summary(monkeypatch
     steps = [0, 50, 100]
     for step in steps:
         save_nanogpt(run / f"step{step}" / "ckpt.pt", nanogpt_weights(2, 4, 32, False, step), 2, 4, 32, False, step)
-    code, _, err = run_cli(monkeypatch, capsys, "manifest", str(run))
-    assert code == 0, err
-    study = tmp_path / "study"
-    code, _, err = run_cli(monkeypatch, capsys, "sweep", str(run), "--task", "induction", "--out", str(study),
-                           "--n-examples", "4", "--batch-size", "4", "--no-progress")
-    assert code == 0, err
-    code, out, err = run_cli(monkeypatch, capsys, "summary", str(study))
-    assert code == 0, err
+    study, out = manifest_sweep_summary(monkeypatch, capsys, run, tmp_path / "study")
     assert "3 steps from 0 to 100" in out
     per_step = NANO_CONFIG["gradient_accumulation_steps"] * NANO_CONFIG["batch_size"] * BLOCK
     assert study_steps_and_tokens(study) == (steps, [step * per_step for step in steps])

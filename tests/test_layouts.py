@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from study_helpers import run_cli
 
-from circuits import cli
 from circuits.errors import CircuitsError
 from circuits.folder_manifest import manifest_from_folder
 from circuits.layouts import detect, find_checkpoint
@@ -44,16 +43,6 @@ def trainer_state(folder: Path, global_step: int, tokens: int = 0, log: list[dic
     (folder / "trainer_state.json").write_text(json.dumps(state))
 
 
-def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    """``circuits ARGS`` in this process through the console entry point (exit 2 on a user error)."""
-    monkeypatch.setattr(sys, "argv", ["circuits", *args])
-    try:
-        cli.main()
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code if isinstance(exit_.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def one_line_error(code: int, err: str, pattern: str) -> None:
