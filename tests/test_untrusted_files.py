@@ -164,7 +164,8 @@ def test_a_script_tag_in_a_prompt_is_shown_as_text(study_path):
 
     at = AppTest.from_file(str(ROOT / "app" / "main.py"), default_timeout=120)
     at.query_params["study"] = str(study_path)
-    at.run()
+    at.run()  # the landing page (Formation), then the Overview, which shows the provenance
+    at.switch_page("views/overview.py").run()
     assert not at.exception, [e.value for e in at.exception]
     shown = [e.value for e in at.get("json")]
     assert any(script in json.dumps(json.loads(v) if isinstance(v, str) else v) for v in shown)
