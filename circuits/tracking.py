@@ -896,6 +896,10 @@ def track(study, min_share: float = 0.2, gap_z: float = GAP_Z, reproducible: flo
     """
     check_rule(gap_z, reproducible, gap_floor)
     steps = np.asarray(study.steps)
+    if steps.size == 0:  # a sweep (or a follower) that has not landed a step yet
+        where = getattr(study, "path", "the study")
+        raise CircuitsError(f"{where}: no step has landed yet (no complete shard in its shards/ folder); "
+                            "run the sweep, or wait for the follower to visit the first checkpoint")
     curves: dict[str, np.ndarray] = {}
     for name, getter in (("metric", "metric"), ("loss", "loss")):
         try:

@@ -388,3 +388,16 @@ def test_epoch_segmentation_equals_the_plain_double_loop_on_random_stacks():
         weights *= rng.random((n, d)) > 0.2
         similarity = float(rng.choice([0.5, 0.6, 0.8]))
         assert segment_similar(weights, similarity) == _segments_by_hand(weights, similarity)
+
+
+def test_a_study_with_no_step_landed_is_refused_in_one_line(tmp_path):
+    """A sweep (or a follower) that has written study.json but no shard yet: track, and so
+    ``circuits summary``, refuse it naming the folder, instead of failing on an empty step list."""
+    from types import SimpleNamespace
+
+    from circuits.tracking import track
+
+    with pytest.raises(CircuitsError) as refused:
+        track(SimpleNamespace(steps=[], path=tmp_path / "study"))
+    assert str(refused.value) == (f"{tmp_path / 'study'}: no step has landed yet (no complete shard in its shards/ "
+                                  "folder); run the sweep, or wait for the follower to visit the first checkpoint")
