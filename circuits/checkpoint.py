@@ -52,6 +52,17 @@ def save_native_checkpoint(
     return final
 
 
+def write_text_atomically(path: Path, text: str) -> None:
+    """``text`` into ``path`` through a temporary file renamed into place: a reader (a follower
+    polling a run's manifest) sees the old file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
 def _replace_dir(tmp: Path, final: Path) -> None:
     import shutil
 

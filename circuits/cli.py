@@ -274,7 +274,9 @@ def manifest_command(
         _refuse_overwrite(target, force)
         names = _revision_list(revisions) if revisions is not None else None
         manifest = manifest_from_hub(hub, names, name=name, architecture=architecture)
-    _write_text_atomically(target, manifest.to_yaml())
+    from circuits.checkpoint import write_text_atomically
+
+    write_text_atomically(target, manifest.to_yaml())
     from circuits.manifest import load_manifest
 
     written = load_manifest(target)  # read back as sweep will: the paths resolve from the file's folder
@@ -303,15 +305,6 @@ def _revision_list(path: Path) -> list[str]:
     return names
 
 
-def _write_text_atomically(target: Path, text: str) -> None:
-    import os
-    import tempfile
-
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, target)
 
 
 @app.command()

@@ -29,6 +29,7 @@ from circuits.checkpoint import (
     new_native_model,
     save_native_checkpoint,
     step_dirname,
+    write_text_atomically,
 )
 from circuits.errors import CircuitsError, first_line, short_repr
 from circuits.follow import DONE_MARKER
@@ -97,14 +98,8 @@ def _native_module(state: Mapping[str, Any], tl_config: dict[str, Any], where: s
         module = new_native_model(tl_config)
     except (TypeError, ValueError, KeyError, AttributeError, AssertionError) as err:
         raise CircuitsError(f"{where}: the TransformerLens config does not describe a model ({first_line(err)})") from None
-    if bridged:
-        expected = module.state_dict().keys()
-        state = {k: v for k, v in state.items() if k in expected}
-    try:
-        module.load_state_dict(dict(state), strict=True)
-    except (RuntimeError, TypeError) as err:
-        raise CircuitsError(f"{where}: the weights do not match the TransformerLens config ({_one_line(err)})") from None
-    return module.eval()
+    return _load_into(module, state, own_names_only=bridged, where=f"{where}: the weights do not match the "
+                      "TransformerLens config")
 
 
 def _hf_module(state: Mapping[str, Any], hf_config: Any, where: str, model_class: Any = None):
@@ -122,14 +117,21 @@ def _hf_module(state: Mapping[str, Any], hf_config: Any, where: str, model_class
         model = AutoModelForCausalLM.from_config(hf_config) if model_class is None else model_class(hf_config)
     except (ValueError, KeyError, TypeError, AttributeError) as err:
         raise CircuitsError(f"{where}: the Hugging Face config does not describe a causal LM ({first_line(err)})") from None
-    if model_class is not None:
-        expected = model.state_dict().keys()
+    return _load_into(model, state, own_names_only=model_class is not None,
+                      where=f"{where}: the weights do not match the Hugging Face config")
+
+
+def _load_into(module: Any, state: Mapping[str, Any], own_names_only: bool, where: str) -> Any:
+    """``module`` holding ``state`` (strictly), in eval mode. ``own_names_only``: a bridge's
+    state holds the same weights under its aliases too; keep the module's own names."""
+    if own_names_only:
+        expected = module.state_dict().keys()
         state = {k: v for k, v in state.items() if k in expected}
     try:
-        model.load_state_dict(dict(state), strict=True)
+        module.load_state_dict(dict(state), strict=True)
     except (RuntimeError, TypeError) as err:
-        raise CircuitsError(f"{where}: the weights do not match the Hugging Face config ({_one_line(err)})") from None
-    return model.eval()
+        raise CircuitsError(f"{where} ({_one_line(err)})") from None
+    return module.eval()
 
 
 def _is_hf_config(config: Any) -> bool:
@@ -147,12 +149,6 @@ def _manifest_name(run_dir: Path) -> str:
 
 def _whole(value: Any, at_least: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= at_least
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 class RunWriter:
@@ -239,7 +235,7 @@ class RunWriter:
         """Say the run is over (``training.done``, written last): a follower stops once it has the rest."""
         if not self.finished:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            _atomic_write(self.run_dir / DONE_MARKER, json.dumps(
+            write_text_atomically(self.run_dir / DONE_MARKER, json.dumps(
                 {"steps": len(self.steps), "last_step": self.steps[-1] if self.steps else None,
                  "finished": datetime.now(UTC).isoformat(timespec="seconds")}) + "\n")
 
@@ -298,7 +294,7 @@ class RunWriter:
         if self.existing is not None and self.existing.local is not None:  # keep what the run said of itself
             data["local"] = self.existing.local.model_dump(exclude_none=True)
         manifest = parse_manifest(data, origin=str(self.manifest_path))
-        _atomic_write(self.manifest_path, manifest.to_yaml())
+        write_text_atomically(self.manifest_path, manifest.to_yaml())
 
 
 def _hf_architecture(model: Any) -> str:

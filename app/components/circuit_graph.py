@@ -261,6 +261,15 @@ for _name, _value in (("__NEEDED__", NEEDED), ("__OPPOSING__", OPPOSING), ("__AD
 _graph = st.components.v2.component("circuits_graph", css=CSS, js=JS)
 
 
+def clicked_node(result: object, nodes: list[str]) -> str | None:
+    """The node a click on the graph named (the component's state: an object or a dict with
+    ``node``), when it is one of ``nodes``; else None."""
+    clicked = getattr(result, "node", None) if result is not None else None
+    if clicked is None and isinstance(result, dict):
+        clicked = result.get("node")
+    return clicked if clicked in nodes else None
+
+
 def circuit_graph(view: dict, key: str, on_node: Callable[[], None] | None = None):
     """Mount the graph; ``result.node`` is the name of a node clicked in this rerun (or None)."""
     return _graph(key=key, data=view, on_node_change=on_node or (lambda: None), height="content")

@@ -13,7 +13,7 @@ import numpy as np
 import streamlit as st
 
 from app import charts, data, formation, ui
-from app.components.circuit_graph import circuit_graph
+from app.components.circuit_graph import circuit_graph, clicked_node
 from app.graph_view import KEY_EDGES, parse_node
 from app.state import MODE_LABELS, MODES, SPEEDS, snap_int, snap_node, threshold_default
 
@@ -110,11 +110,8 @@ def _on_node_select() -> None:
 
 
 def _on_graph_click() -> None:
-    result = st.session_state.get("circuit.graph")
-    clicked = getattr(result, "node", None) if result is not None else None
-    if clicked is None and isinstance(result, dict):
-        clicked = result.get("node")
-    if clicked in nodes:
+    clicked = clicked_node(st.session_state.get("circuit.graph"), nodes)
+    if clicked is not None:
         st.session_state["circuit.node"] = clicked
         ui.update(node=clicked)
 

@@ -17,7 +17,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from app import charts, data, formation, ui
-from app.components.circuit_graph import circuit_graph
+from app.components.circuit_graph import circuit_graph, clicked_node
 from app.graph_view import parse_node
 from app.state import MODE_LABELS, SPEEDS, snap_int, snap_node, threshold_default
 
@@ -92,11 +92,8 @@ def _on_node(node: str | None) -> None:
 
 
 def _on_graph_click() -> None:
-    result = st.session_state.get("formation.graph")
-    clicked = getattr(result, "node", None) if result is not None else None
-    if clicked is None and isinstance(result, dict):
-        clicked = result.get("node")
-    if clicked in nodes:
+    clicked = clicked_node(st.session_state.get("formation.graph"), nodes)
+    if clicked is not None:
         _on_node(clicked)
 
 
