@@ -60,7 +60,8 @@ def safe_torch_load(path: Path) -> Any:
         raise CircuitsError(f"{path}: not a readable PyTorch file ({first_line(err, 160)})") from None
 
 
-def _state_dict(obj: Any, path: Path) -> dict[str, Any]:
+def state_dict_of(obj: Any, path: Path) -> dict[str, Any]:
+    """``obj`` (read from ``path``) when it is a state dict, names -> tensors; else one line naming the file."""
     import torch
 
     if not isinstance(obj, dict) or not obj or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
@@ -112,7 +113,7 @@ def read_nanogpt(path: Path) -> NanoGPT:
                             "beside it to read a state dict with")
     iter_num = data.get("iter_num")
     config = data.get("config")
-    return NanoGPT(path, data["model_args"], _state_dict(data["model"], path),
+    return NanoGPT(path, data["model_args"], state_dict_of(data["model"], path),
                    iter_num if isinstance(iter_num, int) else None, config if isinstance(config, dict) else {})
 
 
@@ -239,7 +240,7 @@ def _write_state_dict(weights: list[Path], sides: list[Path], out: Path) -> None
 
     state: dict[str, Any] = {}
     for path in weights:  # a sharded checkpoint: the shards' names are disjoint
-        state |= _state_dict(safe_torch_load(path), path)
+        state |= state_dict_of(safe_torch_load(path), path)
     # safetensors refuses tensors sharing memory (tied weights): store each once, contiguous.
     save_file({k: v.detach().clone().contiguous() for k, v in state.items()}, str(out / "model.safetensors"),
               metadata={"format": "pt"})

@@ -328,7 +328,7 @@ def read_state_dict(path: str | Path) -> dict[str, Any]:
     gives those; ``_orig_mod.`` (``torch.compile``) is taken off the names."""
     import torch
 
-    from circuits.convert import safe_torch_load
+    from circuits.convert import safe_torch_load, state_dict_of
 
     path = Path(path)
     if not path.is_file():
@@ -347,10 +347,7 @@ def read_state_dict(path: str | Path) -> dict[str, Any]:
     if isinstance(data, Mapping) and not all(isinstance(v, torch.Tensor) for v in data.values()):
         inner = next((data[k] for k in ("model", "state_dict") if isinstance(data.get(k), Mapping)), None)
         data = inner if inner is not None else data
-    if not isinstance(data, Mapping) or not data or not all(
-            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in data.items()):
-        raise CircuitsError(f"{path}: expected a state dict (names -> tensors), got {type(data).__name__}")
-    return {k.removeprefix("_orig_mod."): v for k, v in data.items()}
+    return {k.removeprefix("_orig_mod."): v for k, v in state_dict_of(data, path).items()}
 
 
 def read_config(path: str | Path) -> dict[str, Any]:
